@@ -1,0 +1,172 @@
+"""Datasets for every stage: load through `datasets`, render prompts, tokenize, pack and collate.
+
+Loss masks are built on tokens, never by re-tokenizing a decoded string: each segment (prompt, assistant
+turn) is tokenized on its own and concatenated, so the mask marks exactly the completion tokens.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import warnings
+from pathlib import Path
+
+from posttrain.errors import UserError
+
+LOCAL_FORMATS = {".json": "json", ".jsonl": "json", ".parquet": "parquet", ".csv": "csv"}
+
+
+def load_rows(path: str, split: str = "train", name: str | None = None, limit: int | None = None):
+    """A `datasets.Dataset` from a local file (json/jsonl/parquet/csv), a local directory, or a hub id."""
+    import datasets
+
+    local = Path(path)
+    try:
+        if local.suffix in LOCAL_FORMATS:
+            if not local.is_file():
+                raise UserError(f"data file `{path}` not found (relative paths are read from {Path.cwd()})")
+            ds = datasets.load_dataset(LOCAL_FORMATS[local.suffix], data_files=str(local), split="train")
+        elif local.is_dir() and (local / "dataset_info.json").is_file():
+            ds = datasets.load_from_disk(str(local))
+            ds = ds[split] if isinstance(ds, datasets.DatasetDict) else ds
+        else:
+            ds = datasets.load_dataset(path, name, split=split)
+    except UserError:
+        raise
+    except Exception as err:  # datasets raises many types; the user needs the path and the reason
+        raise UserError(f"cannot load dataset `{path}` (split `{split}`): {err}") from None
+    if limit is not None:
+        ds = ds.select(range(min(limit, len(ds))))
+    return ds
+
+
+# ------------------------------------------------------------------------------------------ rendering
+
+
+def prompt_messages(prompt: str, system_prompt: str | None) -> list[dict]:
+    messages = [{"role": "system", "content": system_prompt}] if system_prompt else []
+    return messages + [{"role": "user", "content": prompt}]
+
+
+def render_prompt(tokenizer, prompt: str, template: str, system_prompt: str | None = None) -> str:
+    """The text a model sees before its answer: the chat template's generation prompt, or the raw prompt."""
+    if template == "plain":
+        return (system_prompt + "\n" if system_prompt else "") + prompt
+    return tokenizer.apply_chat_template(
+        prompt_messages(prompt, system_prompt), tokenize=False, add_generation_prompt=True
+    )
+
+
+def _segments(tokenizer, messages: list[dict]) -> list[tuple[str, bool]]:
+    """Split a rendered conversation into (text, is_assistant) pieces, using the template's prefix property."""
+    pieces, done = [], ""
+    for k, message in enumerate(messages):
+        if message["role"] == "assistant":
+            before = tokenizer.apply_chat_template(messages[:k], tokenize=False, add_generation_prompt=True)
+            upto = tokenizer.apply_chat_template(messages[: k + 1], tokenize=False)
+            if not before.startswith(done) or not upto.startswith(before):
+                raise UserError(
+                    "the tokenizer's chat template does not render conversations prefix by prefix, so the "
+                    "assistant tokens cannot be located; use `template: plain` or prompt/completion columns"
+                )
+            pieces += [(before[len(done):], False), (upto[len(before):], True)]
+            done = upto
+    return [(text, is_assistant) for text, is_assistant in pieces if text]
+
+
+def _ids(tokenizer, text: str) -> list[int]:
+    return tokenizer(text, add_special_tokens=False)["input_ids"]
+
+
+def tokenize_example(tokenizer, row: dict, spec) -> dict:
+    """`input_ids` and `mask` (1 on completion tokens) for one row of prompt/completion or messages."""
+    if spec.messages_column in row and row[spec.messages_column] is not None:
+        if spec.template == "plain":
+            raise UserError(f"column `{spec.messages_column}` holds chat messages: it needs `template: chat`")
+        segments = _segments(tokenizer, list(row[spec.messages_column]))
+    else:
+        for col in (spec.prompt_column, spec.completion_column):
+            if col not in row:
+                raise UserError(f"dataset `{spec.path}` has no column `{col}` (columns: {', '.join(row)})")
+        prompt = render_prompt(tokenizer, row[spec.prompt_column], spec.template, spec.system_prompt)
+        if spec.template == "chat":
+            messages = prompt_messages(row[spec.prompt_column], spec.system_prompt)
+            messages.append({"role": "assistant", "content": row[spec.completion_column]})
+            segments = _segments(tokenizer, messages)
+        else:
+            segments = [(prompt, False), (row[spec.completion_column] + tokenizer.eos_token, True)]
+    ids, mask = [], []
+    if tokenizer.bos_token_id is not None and spec.template == "plain":
+        ids, mask = [tokenizer.bos_token_id], [0]
+    for text, is_completion in segments:
+        piece = _ids(tokenizer, text)
+        ids += piece
+        mask += [int(is_completion)] * len(piece)
+    return {"input_ids": ids, "mask": mask}
+
+
+@dataclasses.dataclass
+class TokenizedSet:
+    examples: list[dict]
+    dropped: int  # rows with no completion token left after truncation
+
+
+def tokenize_dataset(tokenizer, ds, spec) -> TokenizedSet:
+    """Tokenize every row; truncate to `max_length` from the right; drop rows left with no loss token."""
+    examples, dropped = [], 0
+    for row in ds:
+        ex = tokenize_example(tokenizer, row, spec)
+        ex = {k: v[: spec.max_length] for k, v in ex.items()}
+        if sum(ex["mask"]) == 0:
+            dropped += 1
+            continue
+        examples.append(ex)
+    if not examples:
+        raise UserError(f"dataset `{spec.path}`: no row has a completion token within max_length {spec.max_length}")
+    if dropped:
+        warnings.warn(f"dataset `{spec.path}`: dropped {dropped} rows with no completion token within max_length")
+    return TokenizedSet(examples, dropped)
+
+
+# ------------------------------------------------------------------------------------ packing, collate
+
+
+def pack(examples: list[dict], max_length: int) -> list[dict]:
+    """Greedy sequential packing into rows of at most `max_length` tokens. Each example keeps its own
+    `position_ids` (restarting at 0): with no attention mask, transformers builds a block-diagonal causal
+    mask from them, so packed examples never attend to each other and the loss equals the unpacked one."""
+    rows, current = [], {"input_ids": [], "mask": [], "position_ids": []}
+    for ex in examples:
+        n = len(ex["input_ids"])
+        if current["input_ids"] and len(current["input_ids"]) + n > max_length:
+            rows.append(current)
+            current = {"input_ids": [], "mask": [], "position_ids": []}
+        current["input_ids"] += ex["input_ids"]
+        current["mask"] += ex["mask"]
+        current["position_ids"] += list(range(n))
+    if current["input_ids"]:
+        rows.append(current)
+    return rows
+
+
+def collate(examples: list[dict], pad_id: int) -> dict:
+    """Right-pad a micro-batch. `mask` is aligned with the targets `input_ids[:, 1:]` (shape [n, L−1])."""
+    import torch
+
+    length = max(len(ex["input_ids"]) for ex in examples)
+    ids = torch.full((len(examples), length), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(examples), length), dtype=torch.long)
+    packed = "position_ids" in examples[0]
+    extra = torch.zeros((len(examples), length), dtype=torch.long)
+    for i, ex in enumerate(examples):
+        n = len(ex["input_ids"])
+        ids[i, :n] = torch.tensor(ex["input_ids"])
+        mask[i, :n] = torch.tensor(ex["mask"])
+        if packed:
+            # padding becomes its own segment (positions restart at 0) so it is isolated by the mask
+            extra[i, :n] = torch.tensor(ex["position_ids"])
+            extra[i, n:] = torch.arange(length - n)
+        else:
+            extra[i, :n] = 1
+    batch = {"input_ids": ids, "mask": mask[:, 1:]}
+    batch["position_ids" if packed else "attention_mask"] = extra
+    return batch

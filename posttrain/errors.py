@@ -1,0 +1,26 @@
+"""User-facing errors: one readable message, exit code 2, no traceback."""
+
+from __future__ import annotations
+
+import difflib
+
+
+class UserError(Exception):
+    """Bad input from the user (recipe, file, flag). The CLI prints `str(err)` and exits with code 2."""
+
+    exit_code = 2
+
+
+def closest(word: str, choices) -> str | None:
+    """The closest valid spelling of `word` among `choices`, or None if nothing is close."""
+    matches = difflib.get_close_matches(word, list(choices), n=1, cutoff=0.6)
+    return matches[0] if matches else None
+
+
+def did_you_mean(word: str, choices) -> str:
+    """' (did you mean `x`?)' or a list of the valid choices when nothing is close."""
+    choices = sorted(choices)
+    best = closest(word, choices)
+    if best is not None:
+        return f" (did you mean `{best}`?)"
+    return f" (valid: {', '.join(choices)})"

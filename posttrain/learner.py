@@ -1,0 +1,196 @@
+"""The learner: the only owner of the model, the optimizer and the learning-rate schedule.
+
+One `train_step` serves every stage: the stage hands it the micro-batches of one optimizer step on this
+process and a `loss_fn(model, micro_batch) -> LossOutput` (per-token losses); the learner counts the
+loss tokens of the *whole* optimizer batch (all micro-batches, all processes) first, so the reduced loss
+and its gradient do not depend on how the batch is split (`algorithms.ops.aggregate`).
+
+Runs on Accelerate: plain/DDP and DeepSpeed ZeRO-1/2/3 through the same code (launch config decides).
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from pathlib import Path
+
+import torch
+
+from posttrain.algorithms.ops import aggregate, batch_totals
+from posttrain.datatypes import BatchTotals, Reduction
+from posttrain.models import add_lora, load_causal_lm
+from posttrain.recipe.schema import ModelSpec, TrainArgs
+
+
+def lr_at(step: int, train: TrainArgs, total_steps: int) -> float:
+    """Learning rate for optimizer step `step` (0-based): linear warmup, then constant/linear/cosine decay
+    from `lr` down to `lr · min_lr_ratio` at the last step. A pure function of the step, so resuming needs
+    no scheduler state."""
+    warmup = train.warmup_steps or int(round(train.warmup_ratio * total_steps))
+    if warmup and step < warmup:
+        return train.lr * (step + 1) / warmup
+    if train.lr_schedule == "constant":
+        return train.lr
+    span = max(total_steps - warmup - 1, 1)
+    progress = min(max(step - warmup, 0) / span, 1.0)
+    shape = 1.0 - progress if train.lr_schedule == "linear" else 0.5 * (1.0 + math.cos(math.pi * progress))
+    return train.lr * (train.min_lr_ratio + (1.0 - train.min_lr_ratio) * shape)
+
+
+def _param_groups(model, weight_decay: float) -> list[dict]:
+    """Weight decay on matrices only (not on norms and biases), the usual AdamW practice."""
+    decay, no_decay = [], []
+    for p in model.parameters():
+        if p.requires_grad:
+            (decay if p.ndim >= 2 else no_decay).append(p)
+    groups = [{"params": decay, "weight_decay": weight_decay}]
+    if no_decay:
+        groups.append({"params": no_decay, "weight_decay": 0.0})
+    return groups
+
+
+class Learner:
+    def __init__(self, accelerator, model_spec: ModelSpec, train: TrainArgs, total_steps: int, init_path):
+        self.accelerator = accelerator
+        self.spec = model_spec
+        self.train = train
+        self.total_steps = total_steps
+        self.step = 0
+        self.accumulation = train.batch_size // (train.micro_batch_size * accelerator.num_processes)
+        model = load_causal_lm(init_path, model_spec)
+        if model_spec.lora is not None:
+            model = add_lora(model, model_spec.lora)
+        optimizer = torch.optim.AdamW(
+            _param_groups(model, train.weight_decay), lr=train.lr, betas=tuple(train.adam_betas), eps=train.adam_eps
+        )
+        self._configure_deepspeed()
+        accelerator.gradient_accumulation_steps = self.accumulation
+        self.model, self.optimizer = accelerator.prepare(model, optimizer)
+
+    # ------------------------------------------------------------------------------------------ setup
+
+    @property
+    def uses_deepspeed(self) -> bool:
+        return self.accelerator.state.deepspeed_plugin is not None
+
+    def _configure_deepspeed(self) -> None:
+        """The recipe, not the launch config, owns batch geometry and clipping: write them into DeepSpeed's."""
+        if not self.uses_deepspeed:
+            return
+        config = self.accelerator.state.deepspeed_plugin.deepspeed_config
+        config["train_micro_batch_size_per_gpu"] = self.train.micro_batch_size
+        config["gradient_accumulation_steps"] = self.accumulation
+        config["train_batch_size"] = self.train.batch_size
+        config["gradient_clipping"] = self.train.max_grad_norm or 0.0
+
+    # ------------------------------------------------------------------------------------------- step
+
+    def global_totals(self, micro_batches: list[dict]) -> BatchTotals:
+        local = [batch_totals(mb["mask"]) for mb in micro_batches]
+        counts = torch.tensor(
+            [sum(t.tokens for t in local), sum(t.seqs for t in local)], dtype=torch.float64, device=self.device
+        )
+        counts = self.accelerator.reduce(counts, reduction="sum")
+        return BatchTotals(tokens=float(counts[0]), seqs=float(counts[1]))
+
+    @property
+    def device(self):
+        return self.accelerator.device
+
+    def _set_lr(self) -> float:
+        lr = lr_at(self.step, self.train, self.total_steps)
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+        return lr
+
+    def train_step(self, micro_batches: list[dict], loss_fn, reduction: Reduction) -> dict[str, float]:
+        """One optimizer step over this process's micro-batches; returns metrics reduced over processes."""
+        if len(micro_batches) != self.accumulation:
+            raise ValueError(f"expected {self.accumulation} micro-batches per step, got {len(micro_batches)}")
+        start = time.perf_counter()
+        self.model.train()
+        totals = self.global_totals(micro_batches)
+        lr = self._set_lr()
+        # `aggregate` already divides by the global normaliser: undo DDP's mean over processes and
+        # Accelerate's (or DeepSpeed's) division by the accumulation steps.
+        scale = self.accelerator.num_processes * self.accumulation
+        self.accelerator.step = 0  # align Accelerate's accumulation counter with our optimizer step
+        loss_sum = torch.zeros((), device=self.device, dtype=torch.float64)
+        metric_sums: dict[str, torch.Tensor] = {}
+        grad_norm = None
+        for mb in micro_batches:
+            with self.accelerator.accumulate(self.model):
+                with self.accelerator.autocast():
+                    out = loss_fn(self.model, mb)
+                part = aggregate(out.loss, out.mask, reduction, totals)
+                self.accelerator.backward(part * scale)
+                loss_sum += part.detach().double()
+                for name, value in out.metrics.items():
+                    metric_sums[name] = metric_sums.get(name, 0.0) + value.detach().double()
+                if self.accelerator.sync_gradients:
+                    grad_norm = self._clip()
+                    self.optimizer.step()
+                    self.optimizer.zero_grad(set_to_none=True)
+        self.step += 1
+        return self._step_metrics(loss_sum, metric_sums, totals, grad_norm, lr, time.perf_counter() - start)
+
+    def _clip(self):
+        max_norm = self.train.max_grad_norm if self.train.max_grad_norm else float("inf")
+        return self.accelerator.clip_grad_norm_(self.model.parameters(), max_norm)
+
+    def _step_metrics(self, loss_sum, metric_sums, totals, grad_norm, lr, seconds) -> dict[str, float]:
+        names = sorted(metric_sums)
+        stacked = torch.stack([loss_sum] + [torch.as_tensor(metric_sums[n], device=self.device) for n in names])
+        stacked = self.accelerator.reduce(stacked.double(), reduction="sum")
+        metrics = {"loss": float(stacked[0]), "lr": lr, "tokens": int(totals.tokens), "time/update": seconds}
+        for i, name in enumerate(names, start=1):
+            metrics[name] = float(stacked[i]) / max(totals.tokens, 1.0)
+        if grad_norm is not None:
+            metrics["grad_norm"] = float(grad_norm)
+        return metrics
+
+    @torch.no_grad()
+    def eval_loss(self, micro_batches: list[dict], loss_fn, reduction: Reduction) -> float:
+        """The reduced loss of a batch without a gradient step (e.g. validation loss)."""
+        self.model.eval()
+        totals = self.global_totals(micro_batches)
+        total = torch.zeros((), device=self.device, dtype=torch.float64)
+        for mb in micro_batches:
+            with self.accelerator.autocast():
+                out = loss_fn(self.model, mb)
+            total += aggregate(out.loss, out.mask, reduction, totals).double()
+        return float(self.accelerator.reduce(total, reduction="sum"))
+
+    # ------------------------------------------------------------------------------------ checkpoints
+
+    def save_state(self, directory: Path) -> None:
+        """Exact-resume state (weights in training precision, optimizer, RNG of every process). Every
+        process must call this (DeepSpeed writes its shards)."""
+        self.accelerator.save_state(str(directory), safe_serialization=True)
+
+    def load_state(self, directory: Path, step: int) -> None:
+        self.accelerator.load_state(str(directory))
+        self.step = step
+
+    def export_hf(self, directory: Path, tokenizer, merge_lora: bool) -> None:
+        """Write a Hugging Face checkpoint (safetensors) that `AutoModelForCausalLM` loads. Every process
+        must call this (ZeRO-3 gathers the weights); the main process writes. LoRA adapters are merged
+        into the base weights when `merge_lora`, otherwise saved as a peft adapter."""
+        state_dict = self.accelerator.get_state_dict(self.model)
+        if not self.accelerator.is_main_process:
+            return
+        model = self.accelerator.unwrap_model(self.model)
+        if merge_lora and self.spec.lora is not None:
+            model = _merged_copy(model)
+            state_dict = model.state_dict()
+        model.save_pretrained(str(directory), state_dict=state_dict, safe_serialization=True)
+        tokenizer.save_pretrained(str(directory))
+
+    def unwrapped(self):
+        return self.accelerator.unwrap_model(self.model)
+
+
+def _merged_copy(peft_model):
+    import copy
+
+    return copy.deepcopy(peft_model).merge_and_unload()

@@ -1,0 +1,87 @@
+"""Load models and tokenizers: hub ids, local HF directories, or a model built from a recipe's `new:`.
+
+One function per question, so the learner, the evaluator and later the rollout engines share them.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from posttrain.errors import UserError
+
+DTYPES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
+
+
+def torch_dtype(name: str):
+    import torch
+
+    return getattr(torch, DTYPES[name])
+
+
+def load_tokenizer(path: str | Path, trust_remote_code: bool = False):
+    from transformers import AutoTokenizer
+
+    try:
+        tok = AutoTokenizer.from_pretrained(str(path), trust_remote_code=trust_remote_code)
+    except (OSError, ValueError) as err:
+        raise UserError(f"cannot load a tokenizer from `{path}`: {err}") from None
+    if tok.pad_token is None:
+        # Decoder-only tokenizers often ship without a pad token; padding is always masked out.
+        tok.pad_token = tok.eos_token
+    return tok
+
+
+def load_causal_lm(path: str | Path, spec):
+    """`AutoModelForCausalLM` from `path` with the recipe's dtype/attention settings (`spec`: ModelSpec)."""
+    from transformers import AutoModelForCausalLM
+
+    kwargs = {"dtype": torch_dtype(spec.dtype), "trust_remote_code": spec.trust_remote_code}
+    if spec.attn_implementation:
+        kwargs["attn_implementation"] = spec.attn_implementation
+    try:
+        model = AutoModelForCausalLM.from_pretrained(str(path), **kwargs)
+    except OSError as err:
+        raise UserError(f"cannot load a model from `{path}`: {err}") from None
+    if spec.gradient_checkpointing:
+        model.gradient_checkpointing_enable()
+        model.config.use_cache = False
+    return model
+
+
+def add_lora(model, lora):
+    """Wrap `model` with peft LoRA adapters (`lora`: LoraSpec)."""
+    from peft import LoraConfig, get_peft_model
+
+    targets = lora.targets if lora.targets == "all-linear" else list(lora.targets)
+    config = LoraConfig(
+        r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout, target_modules=targets, task_type="CAUSAL_LM"
+    )
+    return get_peft_model(model, config)
+
+
+def build_new_model(out_dir: Path, new) -> Path:
+    """Build the recipe's `model.new` (NewModelSpec) into `out_dir` once; reuse it if already complete."""
+    from posttrain.modeling import new_model
+
+    if (out_dir / "config.json").is_file() and (out_dir / "tokenizer_config.json").is_file():
+        return out_dir
+    for corpus in new.tokenizer_corpus:
+        if not Path(corpus).is_file():
+            raise UserError(f"model.new.tokenizer_corpus: file `{corpus}` not found")
+    tmp = out_dir.with_name(out_dir.name + ".tmp")
+    new_model(
+        tmp,
+        arch=new.arch,
+        hidden=new.hidden,
+        layers=new.layers,
+        heads=new.heads,
+        kv_heads=new.kv_heads,
+        intermediate=new.intermediate,
+        max_position=new.max_position,
+        tokenizer_corpus=new.tokenizer_corpus,
+        vocab_size=new.vocab_size,
+        individual_digits=new.individual_digits,
+        seed=new.seed,
+    )
+    tmp.rename(out_dir)
+    return out_dir

@@ -1,0 +1,288 @@
+"""Load a recipe: YAML (with line numbers) → one level of `base:` → dotted CLI overrides → strict schema.
+
+Every problem becomes one `UserError` whose lines read `file:line: key.path: what is wrong`, so the user
+can jump straight to it. Nothing here loads a model; `posttrain validate` is this module plus a batch
+geometry check and finishes in seconds.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+from pathlib import Path
+from typing import Any, get_args, get_origin
+
+import yaml
+from pydantic import BaseModel, ValidationError
+
+from posttrain.errors import UserError, did_you_mean
+from posttrain.recipe.schema import Recipe, TrainArgs, split_args, stage_args_model
+
+Where = dict[tuple, str]  # key path -> "file:line" (or "override `k=v`")
+
+
+@dataclasses.dataclass(frozen=True)
+class Stage:
+    """One validated stage: its name, kind, data spec, shared training args and algorithm args."""
+
+    name: str
+    kind: str
+    spec: Any  # StageSpec
+    train: TrainArgs
+    algo: Any  # the algorithm's Args dataclass instance
+
+
+@dataclasses.dataclass(frozen=True)
+class Resolved:
+    recipe: Recipe
+    stages: list[Stage]
+    raw: dict  # the merged mapping after base + overrides: saved as recipe.resolved.yaml
+    source: str
+
+
+# ---------------------------------------------------------------------------------------------- YAML
+
+
+def _read_yaml(path: Path) -> tuple[dict, Where]:
+    if not path.is_file():
+        raise UserError(f"{path}: recipe file not found")
+    text = path.read_text()
+    try:
+        node = yaml.compose(text, Loader=yaml.SafeLoader)
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        at = f"{path}:{mark.line + 1}:{mark.column + 1}" if mark else str(path)
+        raise UserError(f"{at}: YAML syntax error: {getattr(err, 'problem', err)}") from None
+    if not isinstance(data, dict):
+        raise UserError(f"{path}: a recipe must be a YAML mapping (key: value), got {type(data).__name__}")
+    where: Where = {}
+    _index_lines(node, (), path, where)
+    return data, where
+
+
+def _index_lines(node, prefix: tuple, path: Path, where: Where) -> None:
+    """Record `file:line` of every key; reject duplicate keys (YAML would silently keep the last)."""
+    if isinstance(node, yaml.MappingNode):
+        seen = set()
+        for key_node, value_node in node.value:
+            key = key_node.value
+            loc = f"{path}:{key_node.start_mark.line + 1}"
+            if key in seen:
+                raise UserError(f"{loc}: {'.'.join(map(str, prefix + (key,)))}: duplicate key")
+            seen.add(key)
+            where[prefix + (key,)] = loc
+            _index_lines(value_node, prefix + (key,), path, where)
+    elif isinstance(node, yaml.SequenceNode):
+        for i, item in enumerate(node.value):
+            where[prefix + (i,)] = f"{path}:{item.start_mark.line + 1}"
+            _index_lines(item, prefix + (i,), path, where)
+
+
+def _deep_merge(base: dict, child: dict) -> dict:
+    out = copy.deepcopy(base)
+    for key, value in child.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = _deep_merge(out[key], value)
+        else:
+            out[key] = copy.deepcopy(value)
+    return out
+
+
+def _with_base(path: Path) -> tuple[dict, Where]:
+    data, where = _read_yaml(path)
+    base_ref = data.pop("base", None)
+    if base_ref is None:
+        return data, where
+    base_path = (path.parent / str(base_ref)).resolve()
+    base, base_where = _read_yaml(base_path)
+    if "base" in base:
+        raise UserError(f"{base_where[('base',)]}: base: only one level of `base:` is allowed")
+    return _deep_merge(base, data), {**base_where, **where}
+
+
+# ----------------------------------------------------------------------------------------- overrides
+
+
+def parse_override(text: str) -> tuple[tuple[str, ...], Any]:
+    """`stages.sft.args.lr=3e-3` → (('stages','sft','args','lr'), 0.003). Values are parsed as YAML."""
+    if "=" not in text:
+        raise UserError(f"override `{text}`: expected key.path=value, e.g. stages.sft.args.lr=3e-4")
+    key, value = text.split("=", 1)
+    if not key or any(not part for part in key.split(".")):
+        raise UserError(f"override `{text}`: empty key in `{key}`")
+    try:
+        parsed = yaml.safe_load(value) if value else None
+    except yaml.YAMLError:
+        parsed = value
+    return tuple(key.split(".")), _number_or(parsed)
+
+
+def _number_or(value):
+    """PyYAML reads `3e-3` as a string (YAML 1.1 wants `3.0e-3`); users mean a number."""
+    if isinstance(value, str):
+        try:
+            return float(value) if any(c in value.lower() for c in ".e") else int(value)
+        except ValueError:
+            return value
+    return value
+
+
+def _apply_overrides(data: dict, where: Where, overrides: list[str]) -> None:
+    for text in overrides:
+        keys, value = parse_override(text)
+        node = data
+        for depth, key in enumerate(keys[:-1]):
+            child = node.get(key)
+            if child is None:
+                child = node[key] = {}
+            if not isinstance(child, dict):
+                raise UserError(f"override `{text}`: `{'.'.join(keys[: depth + 1])}` is not a mapping")
+            node = child
+        node[keys[-1]] = value
+        where[keys] = f"override `{text}`"
+
+
+# ---------------------------------------------------------------------------------------- validation
+
+
+def _locate(where: Where, loc: tuple, source: str) -> str:
+    """The best known `file:line` for a key path: the path itself or its nearest ancestor."""
+    for end in range(len(loc), 0, -1):
+        if loc[:end] in where:
+            return where[loc[:end]]
+    return source
+
+
+def _valid_keys(model: type[BaseModel], loc: tuple) -> list[str]:
+    """The keys allowed at `loc` (the parent of an unknown key), walking the schema."""
+    for part in loc:
+        field = model.model_fields.get(part) if isinstance(part, str) else None
+        if field is None:
+            # inside a dict[str, Model]: the part is a user-chosen name (e.g. a stage name)
+            continue
+        model = _model_in(field.annotation)
+        if model is None:
+            return []
+    return list(model.model_fields)
+
+
+def _model_in(annotation):
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return annotation
+    for arg in get_args(annotation):
+        found = _model_in(arg)
+        if found is not None:
+            return found
+    return None if get_origin(annotation) is None else None
+
+
+def _describe(err: dict, model: type[BaseModel], prefix: tuple) -> tuple[tuple, str]:
+    loc = prefix + tuple(p for p in err["loc"] if not (isinstance(p, str) and p.startswith("function-")))
+    key = ".".join(map(str, loc))
+    if err["type"] == "extra_forbidden":
+        valid = _valid_keys(model, tuple(err["loc"][:-1]))
+        hint = did_you_mean(str(loc[-1]), valid) if valid else ""
+        return loc, f"{key}: unknown key{hint}"
+    if err["type"] == "missing":
+        return loc, f"{key}: required key is missing"
+    got = err.get("input")
+    shown = f", got {got!r}" if not isinstance(got, dict) and got is not None else ""
+    return loc, f"{key}: {err['msg'][0].lower()}{err['msg'][1:]}{shown}"
+
+
+def _validation_error(exc: ValidationError, model, prefix: tuple, where: Where, source: str) -> list[str]:
+    lines = []
+    for err in exc.errors():
+        loc, message = _describe(err, model, prefix)
+        lines.append(f"{_locate(where, loc, source)}: {message}")
+    return lines
+
+
+def _validate_stage(name: str, spec, recipe_where: Where, source: str) -> tuple[Stage | None, list[str]]:
+    from posttrain.stages import STAGE_KINDS
+
+    kind = spec.kind or name
+    if kind not in STAGE_KINDS:
+        loc = ("stages", name, "kind") if spec.kind else ("stages", name)
+        what = f"stage kind `{kind}` is unknown" + did_you_mean(kind, STAGE_KINDS)
+        hint = "" if spec.kind else " (set `kind:` when the stage name is not its kind)"
+        return None, [f"{_locate(recipe_where, loc, source)}: stages.{name}: {what}{hint}"]
+    algo_args = STAGE_KINDS[kind].args
+    model = stage_args_model(kind, algo_args)
+    try:
+        validated = model(**spec.args)
+    except ValidationError as exc:
+        return None, _validation_error(exc, model, ("stages", name, "args"), recipe_where, source)
+    train, algo = split_args(validated, algo_args)
+    return Stage(name=name, kind=kind, spec=spec, train=train, algo=algo), []
+
+
+def load_recipe(path: str | Path, overrides: list[str] = ()) -> Resolved:
+    """Read, merge, override and validate a recipe; raise one `UserError` listing every problem."""
+    path = Path(path)
+    data, where = _with_base(path)
+    _apply_overrides(data, where, list(overrides))
+    source = str(path)
+    try:
+        recipe = Recipe(**data)
+    except ValidationError as exc:
+        raise UserError("\n".join(_validation_error(exc, Recipe, (), where, source))) from None
+    stages, problems = [], []
+    for name, spec in recipe.stages.items():
+        stage, errs = _validate_stage(name, spec, where, source)
+        problems += errs
+        if stage is not None:
+            stages.append(stage)
+    if problems:
+        raise UserError("\n".join(problems))
+    return Resolved(recipe=recipe, stages=stages, raw=data, source=source)
+
+
+def check_batch_geometry(resolved: Resolved, num_processes: int) -> None:
+    """Every stage's global batch must split into whole micro-batches on every process."""
+    problems = []
+    for stage in resolved.stages:
+        t = stage.train
+        per_step = t.micro_batch_size * num_processes
+        if t.batch_size % per_step:
+            problems.append(
+                f"stages.{stage.name}.args: batch_size {t.batch_size} is not a multiple of "
+                f"micro_batch_size {t.micro_batch_size} × {num_processes} processes = {per_step}; "
+                f"use a batch_size of {max(per_step, t.batch_size // per_step * per_step)} "
+                f"or {(t.batch_size // per_step + 1) * per_step}, or change micro_batch_size"
+            )
+    if problems:
+        raise UserError("\n".join(problems))
+
+
+def accumulation_steps(train: TrainArgs, num_processes: int) -> int:
+    return train.batch_size // (train.micro_batch_size * num_processes)
+
+
+def _looks_local(path: str) -> bool:
+    return Path(path).suffix in (".json", ".jsonl", ".parquet", ".csv", ".txt") or path.startswith(("./", "../", "/"))
+
+
+def check_files(resolved: Resolved) -> None:
+    """Local files a recipe names must exist (hub ids are left to load time). Paths are relative to the
+    working directory, as for every command line tool."""
+    recipe, wanted = resolved.recipe, []
+    if recipe.model.new is not None:
+        wanted += [("model.new.tokenizer_corpus", p) for p in recipe.model.new.tokenizer_corpus]
+    elif recipe.model.path.startswith(("./", "../", "/")):
+        wanted.append(("model.path", recipe.model.path))
+    if recipe.eval is not None:
+        wanted.append(("eval.data", recipe.eval.data))
+    for stage in resolved.stages:
+        data = stage.spec.data
+        wanted.append((f"stages.{stage.name}.data.path", data.path))
+        if data.validation and Path(data.validation).suffix:
+            wanted.append((f"stages.{stage.name}.data.validation", data.validation))
+    missing = [
+        f"{resolved.source}: {key}: `{path}` not found (relative to {Path.cwd()})"
+        for key, path in wanted
+        if _looks_local(path) and not Path(path).exists()
+    ]
+    if missing:
+        raise UserError("\n".join(missing))

@@ -1,0 +1,178 @@
+"""The recipe schema: every key a recipe may hold, its type, range and default (defined once, here).
+
+Unknown keys are errors (`extra="forbid"`). A stage's `args` are a flat mapping validated against
+`TrainArgs` (the learner/loop settings every stage shares) merged with the stage algorithm's own `Args`
+dataclass; see `stage_args_model`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import typing
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, create_model, model_validator
+
+
+class Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class NewModelSpec(Strict):
+    """A random-init model and a byte-level BPE tokenizer built from a corpus (see `posttrain new-model`)."""
+
+    arch: Literal["qwen3", "llama"] = "qwen3"
+    hidden: int = Field(64, gt=0)
+    layers: int = Field(2, gt=0)
+    heads: int = Field(4, gt=0)
+    kv_heads: int = Field(2, gt=0)
+    intermediate: int | None = Field(None, gt=0)
+    max_position: int = Field(512, gt=0)
+    vocab_size: int = Field(512, gt=0)
+    tokenizer_corpus: list[str] = Field(min_length=1)
+    individual_digits: bool = True
+    seed: int = 0
+
+    @model_validator(mode="after")
+    def _heads_divide(self):
+        if self.hidden % self.heads or self.heads % self.kv_heads:
+            raise ValueError(
+                f"hidden ({self.hidden}) must be divisible by heads ({self.heads}) "
+                f"and heads by kv_heads ({self.kv_heads})"
+            )
+        return self
+
+
+class LoraSpec(Strict):
+    """LoRA adapters through peft; the stage's final checkpoint is exported merged."""
+
+    r: int = Field(16, gt=0)
+    alpha: float = Field(32, gt=0)
+    dropout: float = Field(0.0, ge=0, lt=1)
+    targets: list[str] | Literal["all-linear"] = "all-linear"
+
+
+class ModelSpec(Strict):
+    """Where the starting weights come from: a hub id or local HF directory (`path`), or built (`new`)."""
+
+    path: str | None = None
+    new: NewModelSpec | None = None
+    dtype: Literal["fp32", "bf16", "fp16"] = "fp32"
+    attn_implementation: str | None = None
+    trust_remote_code: bool = False
+    gradient_checkpointing: bool = False
+    lora: LoraSpec | None = None
+
+    @model_validator(mode="after")
+    def _one_source(self):
+        if (self.path is None) == (self.new is None):
+            raise ValueError("give exactly one of `path` (hub id or local dir) or `new` (build a model)")
+        return self
+
+
+class DataSpec(Strict):
+    """A dataset through `datasets`: a hub id, a local file (json/jsonl/parquet/csv) or a local directory."""
+
+    path: str
+    name: str | None = None
+    split: str = "train"
+    validation: str | None = None  # a split name of the same dataset, or a path to a local file
+    validation_size: float | int | None = Field(None, gt=0)  # held out of `split` when `validation` is unset
+    prompt_column: str = "prompt"
+    completion_column: str = "completion"
+    messages_column: str = "messages"
+    template: Literal["chat", "plain"] = "chat"
+    system_prompt: str | None = None
+    max_length: int = Field(1024, gt=1)
+    packing: bool = False
+    limit: int | None = Field(None, gt=0)
+
+
+class TrainArgs(Strict):
+    """Learner and loop settings shared by every stage (flat inside a stage's `args`)."""
+
+    lr: float = Field(1e-5, gt=0)
+    lr_schedule: Literal["constant", "linear", "cosine"] = "cosine"
+    warmup_steps: int = Field(0, ge=0)
+    warmup_ratio: float = Field(0.0, ge=0, lt=1)
+    min_lr_ratio: float = Field(0.0, ge=0, le=1)
+    weight_decay: float = Field(0.0, ge=0)
+    adam_betas: tuple[float, float] = (0.9, 0.999)
+    adam_eps: float = Field(1e-8, gt=0)
+    max_grad_norm: float | None = Field(1.0, gt=0)
+    batch_size: int = Field(32, gt=0)  # sequences per optimizer step, all processes together
+    micro_batch_size: int = Field(8, gt=0)  # sequences per forward pass on one process
+    steps: int | None = Field(None, gt=0)  # optimizer steps; default: `epochs` over the data
+    epochs: float = Field(1.0, gt=0)
+    save_every: int = Field(0, ge=0)  # checkpoint every N steps (0: only the final one)
+    keep_last: int = Field(2, gt=0)  # intermediate checkpoints kept on disk
+    eval_every: int = Field(0, ge=0)  # validation loss every N steps (0: only at the end)
+    log_every: int = Field(1, gt=0)
+
+
+class TrackingSpec(Strict):
+    trackers: list[Literal["tensorboard", "wandb", "trackio"]] = []
+    project: str | None = None  # tracker project name; default: the recipe name
+    progress: bool = True
+
+
+class EvalSpec(Strict):
+    """Held-out greedy exact-match accuracy, measured before the first stage and after each stage."""
+
+    data: str
+    split: str = "test"
+    prompt_column: str = "prompt"
+    answer_column: str = "answer"
+    template: Literal["chat", "plain"] = "chat"
+    system_prompt: str | None = None
+    limit: int | None = Field(None, gt=0)
+    max_new_tokens: int = Field(16, gt=0)
+    batch_size: int = Field(64, gt=0)
+
+
+class StageSpec(Strict):
+    kind: str | None = None  # the stage kind; default: the stage's name
+    data: DataSpec
+    args: dict[str, Any] = {}
+
+
+class Recipe(Strict):
+    name: str
+    seed: int = 0
+    run_dir: str | None = None  # default: runs/<name>
+    precision: Literal["fp32", "bf16", "fp16"] = "fp32"  # autocast precision of the learner
+    model: ModelSpec
+    tracking: TrackingSpec = TrackingSpec()
+    eval: EvalSpec | None = None
+    stages: dict[str, StageSpec] = Field(min_length=1)
+
+
+# --------------------------------------------------------------------------------------------------------
+# A stage's `args`: TrainArgs + the algorithm's Args dataclass, flattened into one strict pydantic model.
+
+
+def _field_from_dataclass(f: dataclasses.Field, hint) -> tuple[Any, Any]:
+    """Turn a dataclass field into a pydantic (type, Field) pair; ranges come from `field(metadata=...)`."""
+    meta = dict(f.metadata)
+    doc = meta.pop("doc", None)
+    default = f.default if f.default is not dataclasses.MISSING else ...
+    return hint, Field(default, description=doc, **meta)
+
+
+@functools.cache
+def stage_args_model(kind: str, algo_args: type) -> type[BaseModel]:
+    """A strict model for `stages.<name>.args` of a stage of `kind` whose algorithm uses `algo_args`."""
+    hints = typing.get_type_hints(algo_args)
+    fields = {f.name: _field_from_dataclass(f, hints[f.name]) for f in dataclasses.fields(algo_args)}
+    clash = set(fields) & set(TrainArgs.model_fields)
+    assert not clash, f"{algo_args.__qualname__} redefines shared training args {clash}"
+    return create_model(f"{kind.capitalize()}StageArgs", __base__=TrainArgs, **fields)
+
+
+def split_args(validated: BaseModel, algo_args: type) -> tuple[TrainArgs, Any]:
+    """Split a validated flat args model into (TrainArgs, the algorithm's Args instance)."""
+    values = validated.model_dump()
+    algo_names = {f.name for f in dataclasses.fields(algo_args)}
+    train = TrainArgs(**{k: v for k, v in values.items() if k not in algo_names})
+    return train, algo_args(**{k: v for k, v in values.items() if k in algo_names})

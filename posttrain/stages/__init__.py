@@ -1,0 +1,27 @@
+"""THE DATAFLOW: one short loop per stage kind. `STAGE_KINDS` is the registry the recipe validates against.
+
+Each kind names its algorithm's `Args` (validated from `stages.<name>.args`) and its `run(ctx) -> Path`
+(imported lazily: it returns the stage's final HF checkpoint, which the next stage starts from).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib
+
+from posttrain.algorithms import sft
+
+
+@dataclasses.dataclass(frozen=True)
+class StageKind:
+    args: type  # the algorithm's Args dataclass
+    runner: str  # "module:function"
+
+    def run(self, ctx):
+        module, func = self.runner.split(":")
+        return getattr(importlib.import_module(module), func)(ctx)
+
+
+STAGE_KINDS: dict[str, StageKind] = {
+    "sft": StageKind(args=sft.Args, runner="posttrain.stages.sft:run"),
+}

@@ -1,0 +1,79 @@
+"""SFT stage: tokenized (optionally packed) examples → micro-batches → masked NLL → learner step."""
+
+from __future__ import annotations
+
+import math
+from functools import partial
+from pathlib import Path
+
+from posttrain.algorithms import sft
+from posttrain.algorithms.ops import token_logprobs
+from posttrain.data import collate, load_rows, pack, tokenize_dataset
+from posttrain.learner import Learner
+from posttrain.stages.context import BatchOrder, StageContext, chunks, run_loop, shard
+
+
+def sft_loss(model, mb: dict, args: sft.Args):
+    out = model(
+        input_ids=mb["input_ids"],
+        attention_mask=mb.get("attention_mask"),
+        position_ids=mb.get("position_ids"),
+        use_cache=False,
+    )
+    logp = token_logprobs(out.logits[:, :-1], mb["input_ids"][:, 1:])  # [n, L-1]
+    return sft.loss(logp, mb["mask"], args)
+
+
+def _splits(ctx: StageContext):
+    """Train and (optional) validation rows: a split/file named in `validation`, or a seeded hold-out."""
+    spec = ctx.stage.spec.data
+    rows = load_rows(spec.path, spec.split, spec.name, spec.limit)
+    if spec.validation:
+        is_file = Path(spec.validation).suffix in (".json", ".jsonl", ".parquet", ".csv")
+        val = load_rows(spec.validation if is_file else spec.path, "train" if is_file else spec.validation, spec.name)
+        return rows, val
+    if spec.validation_size:
+        parts = rows.train_test_split(test_size=spec.validation_size, seed=ctx.recipe.seed)
+        return parts["train"], parts["test"]
+    return rows, None
+
+
+def _examples(ctx: StageContext, rows) -> list[dict]:
+    spec = ctx.stage.spec.data
+    examples = tokenize_dataset(ctx.tokenizer, rows, spec).examples
+    return pack(examples, spec.max_length) if spec.packing else examples
+
+
+def _padded_shard(examples: list[dict], rank: int, world: int) -> list[dict]:
+    """Equal-size shards for every process (collectives must match); padding rows carry no loss token."""
+    per = math.ceil(len(examples) / world)
+    mine = examples[rank * per : (rank + 1) * per]
+    filler = {**examples[0], "mask": [0] * len(examples[0]["mask"])}
+    return mine + [filler] * (per - len(mine))
+
+
+def run(ctx: StageContext) -> Path:
+    train, args, acc = ctx.stage.train, ctx.stage.algo, ctx.accelerator
+    train_rows, val_rows = _splits(ctx)
+    examples = _examples(ctx, train_rows)
+    val_examples = _examples(ctx, val_rows) if val_rows is not None and len(val_rows) else None
+    total_steps = train.steps or max(1, math.ceil(train.epochs * len(examples) / train.batch_size))
+    learner = Learner(acc, ctx.recipe.model, train, total_steps, ctx.init_path)
+    order = BatchOrder(len(examples), train.batch_size, ctx.seed)
+    loss_fn, reduction = partial(sft_loss, args=args), sft.reduction(args)
+    pad_id = ctx.tokenizer.pad_token_id
+
+    def step_fn(step: int) -> dict:
+        mine = shard(order.batch(step), acc.process_index, acc.num_processes)
+        micro = [collate([examples[i] for i in idx], pad_id) for idx in chunks(mine, train.micro_batch_size)]
+        metrics = learner.train_step(micro, loss_fn, reduction)
+        metrics["epoch"] = order.epoch_of(step + 1)
+        metrics["tokens/s"] = metrics["tokens"] / max(metrics["time/update"], 1e-9)
+        return metrics
+
+    def validate_fn() -> float:
+        mine = _padded_shard(val_examples, acc.process_index, acc.num_processes)
+        micro = [collate(c, pad_id) for c in chunks(mine, train.micro_batch_size)]
+        return learner.eval_loss(micro, loss_fn, reduction)
+
+    return run_loop(ctx, learner, total_steps, step_fn, validate_fn if val_examples else None)

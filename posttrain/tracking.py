@@ -1,0 +1,58 @@
+"""Metrics: `metrics.jsonl` always (one JSON object per step, flushed per line so a crash loses nothing
+logged), Accelerate trackers (tensorboard, wandb, trackio) when the recipe asks, and a tqdm progress bar
+on the main process."""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from pathlib import Path
+
+METRICS_FILE = "metrics.jsonl"
+
+
+def _clean(value):
+    if isinstance(value, float) and not math.isfinite(value):
+        return None  # JSON has no NaN/inf; keep the line parseable
+    return value
+
+
+class MetricsLog:
+    def __init__(self, run_dir: Path, accelerator):
+        self.path = Path(run_dir) / METRICS_FILE
+        self.accelerator = accelerator
+        self.global_step = 0  # step across all stages, for the trackers' x-axis
+
+    def rewind(self, keep) -> None:
+        """On resume, drop lines logged after the checkpoint we resume from (they will be logged again).
+        `keep(record) -> bool` says which lines to keep."""
+        if not self.accelerator.is_main_process or not self.path.is_file():
+            return
+        kept = []
+        for line in self.path.read_text().splitlines():
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError:
+                continue  # a line cut short by the crash
+            if keep(record):
+                kept.append(line)
+        self.path.write_text("".join(line + "\n" for line in kept))
+
+    def log(self, stage: str, step: int, metrics: dict) -> None:
+        self.global_step += 1
+        if not self.accelerator.is_main_process:
+            return
+        record = {"stage": stage, "step": step, "time": round(time.time(), 3)}
+        record.update({k: _clean(v) for k, v in metrics.items()})
+        with open(self.path, "a") as f:
+            f.write(json.dumps(record) + "\n")
+        if self.accelerator.trackers:
+            numeric = {f"{stage}/{k}": v for k, v in metrics.items() if isinstance(v, (int, float))}
+            self.accelerator.log(numeric, step=self.global_step)
+
+
+def progress_bar(total: int, initial: int, desc: str, enabled: bool):
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, initial=initial, desc=desc, disable=not enabled, dynamic_ncols=True, unit="step")

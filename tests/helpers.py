@@ -1,0 +1,39 @@
+"""Small builders shared by the tests: a toy dataset and a recipe that builds its own tiny model."""
+
+import json
+import random
+from pathlib import Path
+
+import yaml
+
+
+def write_addition_data(directory: Path, n_train: int = 400, n_test: int = 50, seed: int = 0) -> Path:
+    rng = random.Random(seed)
+    pairs = sorted({(rng.randrange(50), rng.randrange(50)) for _ in range(3 * (n_train + n_test))})
+    rng.shuffle(pairs)
+    rows = [{"prompt": f"{a}+{b}=", "completion": str(a + b), "answer": str(a + b)} for a, b in pairs]
+    directory.mkdir(parents=True, exist_ok=True)
+    for name, part in (("train", rows[:n_train]), ("test", rows[n_train : n_train + n_test])):
+        (directory / f"{name}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in part))
+    (directory / "corpus.txt").write_text("".join(r["prompt"] + r["completion"] + "\n" for r in rows[:n_train]))
+    return directory
+
+
+def recipe_dict(data: Path, *, steps: int = 4, name: str = "t", **args) -> dict:
+    return {
+        "name": name,
+        "seed": 0,
+        "model": {"new": {"hidden": 32, "layers": 2, "heads": 4, "kv_heads": 2, "max_position": 64,
+                          "vocab_size": 300, "tokenizer_corpus": [f"{data}/corpus.txt"]}},
+        "tracking": {"progress": False},
+        "stages": {"sft": {
+            "data": {"path": f"{data}/train.jsonl", "template": "plain", "max_length": 32},
+            "args": {"lr": 3.0e-3, "batch_size": 8, "micro_batch_size": 4, "steps": steps, **args},
+        }},
+    }
+
+
+def write_recipe(directory: Path, recipe: dict, name: str = "t.yaml") -> Path:
+    path = directory / name
+    path.write_text(yaml.safe_dump(recipe, sort_keys=False))
+    return path
