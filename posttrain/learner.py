@@ -63,6 +63,9 @@ class Learner:
         optimizer = torch.optim.AdamW(
             _param_groups(model, train.weight_decay), lr=train.lr, betas=tuple(train.adam_betas), eps=train.adam_eps
         )
+        # One Accelerator serves the whole recipe: forget the previous stage's model and optimizer, or
+        # save_state/load_state would number this stage's objects after them (model_1, optimizer_1).
+        accelerator.free_memory()
         self._configure_deepspeed()
         accelerator.gradient_accumulation_steps = self.accumulation
         self.model, self.optimizer = accelerator.prepare(model, optimizer)

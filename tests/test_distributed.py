@@ -1,0 +1,69 @@
+"""Multi-process training on CPU (gloo): DDP and DeepSpeed ZeRO-2/3 give the loss curve of one process.
+
+`accelerate launch --cpu --num_processes 2` silently runs ONE process; `--multi_gpu` (or a config file)
+plus `Accelerator(cpu=True)` on a CUDA-less machine forms a real 2-process gloo group.
+"""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from helpers import recipe_dict, write_addition_data, write_recipe
+
+REPO = Path(__file__).resolve().parents[1]
+pytestmark = pytest.mark.slow
+
+
+def _env():
+    env = dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1")
+    env.setdefault("TORCH_EXTENSIONS_DIR", str(Path.home() / ".cache" / "posttrain-torch-extensions"))
+    return env
+
+
+def _losses(run_dir: Path) -> list[float]:
+    return [json.loads(line)["loss"] for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    root = tmp_path_factory.mktemp("dist")
+    data = write_addition_data(root / "data")
+    # micro 2: one process accumulates 4 micro-batches, two processes 2 each → same global batch of 8
+    recipe = write_recipe(root, recipe_dict(data, steps=6, micro_batch_size=2, save_every=3))
+    single = root / "single"
+    subprocess.run([sys.executable, "-m", "posttrain", "train", str(recipe), "--run-dir", str(single)],
+                   check=True, env=_env(), cwd=root, capture_output=True)
+    return root, recipe, single
+
+
+def _launch(root, recipe, run_dir, *launch_args):
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", *launch_args, "--num_processes", "2",
+           "-m", "posttrain", "train", str(recipe), "--run-dir", str(run_dir)]
+    proc = subprocess.run(cmd, env=_env(), cwd=root, capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    return proc
+
+
+@pytest.mark.parametrize("launch", [
+    ["--multi_gpu"],
+    ["--config_file", str(REPO / "recipes/accelerate/ddp.yaml")],
+    ["--config_file", str(REPO / "recipes/accelerate/zero2.yaml")],
+    ["--config_file", str(REPO / "recipes/accelerate/zero3.yaml")],
+], ids=["multi_gpu-flag", "ddp", "zero2", "zero3"])
+def test_two_processes_match_one_process_with_twice_the_accumulation(setup, launch):
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    root, recipe, single = setup
+    run_dir = root / f"two-{launch[-1].split('/')[-1]}"
+    _launch(root, recipe, run_dir, *launch)
+    assert _losses(run_dir) == pytest.approx(_losses(single), rel=1e-5)
+    assert (run_dir / "sft" / "checkpoint-3" / "learner").is_dir()
+    a = AutoModelForCausalLM.from_pretrained(single / "sft" / "final").state_dict()
+    b = AutoModelForCausalLM.from_pretrained(run_dir / "sft" / "final").state_dict()
+    for name in a:
+        torch.testing.assert_close(b[name], a[name], rtol=1e-4, atol=1e-5)
