@@ -22,6 +22,24 @@ from posttrain.models import add_lora, load_causal_lm
 from posttrain.recipe.schema import ModelSpec, TrainArgs
 
 
+def new_accelerator(precision: str = "fp32", trackers: list[str] | None = None, project_dir=None):
+    """An Accelerator for one run: `precision` fp32 | bf16 | fp16 (autocast), optional trackers."""
+    import os
+
+    from accelerate import Accelerator
+    from accelerate.state import AcceleratorState
+
+    # A second run in the same Python process (notebooks, tests) may ask for another precision: forget the
+    # previous run's settings but keep the process group (PartialState).
+    AcceleratorState._reset_state()
+    # Without CUDA, Accelerate quietly runs each launched process on its own (DistributedType.NO) unless
+    # told `cpu=True`; then several processes form one gloo group (MULTI_CPU).
+    cpu = int(os.environ.get("WORLD_SIZE", "1")) > 1 and not torch.cuda.is_available()
+    mixed = {"fp32": "no", "bf16": "bf16", "fp16": "fp16"}[precision]
+    return Accelerator(cpu=cpu, mixed_precision=mixed, log_with=trackers or None,
+                       project_dir=str(project_dir) if project_dir else None)
+
+
 def lr_at(step: int, train: TrainArgs, total_steps: int) -> float:
     """Learning rate for optimizer step `step` (0-based): linear warmup, then constant/linear/cosine decay
     from `lr` down to `lr · min_lr_ratio` at the last step. A pure function of the step, so resuming needs

@@ -31,21 +31,16 @@ def default_run_dir(resolved: Resolved) -> Path:
 
 
 def make_accelerator(resolved: Resolved, run_dir: Path):
-    import os
+    from posttrain.learner import new_accelerator
 
-    import torch
-    from accelerate import Accelerator
-
-    # Without CUDA, Accelerate quietly runs each launched process on its own (DistributedType.NO) unless
-    # told `cpu=True`; then several processes form one gloo group (MULTI_CPU).
-    cpu = int(os.environ.get("WORLD_SIZE", "1")) > 1 and not torch.cuda.is_available()
     recipe = resolved.recipe
-    precision = {"fp32": "no", "bf16": "bf16", "fp16": "fp16"}[recipe.precision]
-    trackers = list(recipe.tracking.trackers)
-    acc = Accelerator(cpu=cpu, mixed_precision=precision, log_with=trackers or None, project_dir=str(run_dir))
-    if trackers:
-        acc.init_trackers(recipe.tracking.project or recipe.name, config=_flat(resolved.raw))
-    return acc
+    return new_accelerator(recipe.precision, trackers=list(recipe.tracking.trackers), project_dir=run_dir)
+
+
+def _init_trackers(resolved: Resolved, acc) -> None:
+    """After the run directory is checked: trackers write into it."""
+    if resolved.recipe.tracking.trackers:
+        acc.init_trackers(resolved.recipe.tracking.project or resolved.recipe.name, config=_flat(resolved.raw))
 
 
 def _flat(data: dict, prefix: str = "") -> dict:
@@ -139,11 +134,14 @@ def _rewind_metrics(log: MetricsLog, resolved: Resolved, run_dir: Path) -> None:
 def run(resolved: Resolved, run_dir: Path | None = None, resume: bool = False) -> list[dict]:
     """Run every stage; return the eval table (one row per evaluated model)."""
     from accelerate.utils import set_seed
+    from transformers.utils import logging as hf_logging
 
+    hf_logging.disable_progress_bar()  # per-file "Loading weights" bars drown the training bar
     run_dir = Path(run_dir or default_run_dir(resolved))
     acc = make_accelerator(resolved, run_dir)
     check_batch_geometry(resolved, acc.num_processes)
     _prepare_run_dir(resolved, run_dir, resume, acc)
+    _init_trackers(resolved, acc)
     log = MetricsLog(run_dir, acc)
     if resume:
         _rewind_metrics(log, resolved, run_dir)

@@ -53,6 +53,11 @@ class MetricsLog:
 
 
 def progress_bar(total: int, initial: int, desc: str, enabled: bool):
+    import sys
+
     from tqdm.auto import tqdm
 
-    return tqdm(total=total, initial=initial, desc=desc, disable=not enabled, dynamic_ncols=True, unit="step")
+    # In a log file (no TTY) redraw rarely instead of writing thousands of carriage-return updates.
+    interval = 0.1 if sys.stderr.isatty() else 30.0
+    return tqdm(total=total, initial=initial, desc=desc, disable=not enabled, dynamic_ncols=True, unit="step",
+                mininterval=interval)

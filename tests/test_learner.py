@@ -10,9 +10,9 @@ from posttrain.stages.sft import sft_loss
 
 
 def _accelerator():
-    from accelerate import Accelerator
+    from posttrain.learner import new_accelerator
 
-    return Accelerator(cpu=True)
+    return new_accelerator("fp32")
 
 
 def _batch(n=8, seed=0):

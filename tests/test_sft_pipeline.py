@@ -102,3 +102,30 @@ def test_lora_stage_exports_merged_model(tmp_path, data_dir):
     init = AutoModelForCausalLM.from_pretrained(run_dir / "init-model")
     changed = [n for n, p in merged.state_dict().items() if not torch.equal(p, init.state_dict()[n])]
     assert changed and all("proj" in n for n in changed)  # only LoRA-targeted linears moved
+
+
+def test_tensorboard_tracker_and_bf16_autocast(tmp_path, data_dir):
+    def edit(r):
+        r["tracking"]["trackers"] = ["tensorboard"]
+        r["precision"] = "bf16"
+
+    run_dir = _run(tmp_path, data_dir, edit, steps=2)
+    assert list(run_dir.rglob("events.out.tfevents*"))
+    losses = [json.loads(l)["loss"] for l in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert len(losses) == 2 and all(l == l and l < 100 for l in losses)
+
+
+def test_cli_train_with_override_and_eval_table(tmp_path, data_dir):
+    import subprocess
+    import sys
+
+    recipe = recipe_dict(data_dir, steps=2)
+    recipe["eval"] = {"data": f"{data_dir}/test.jsonl", "template": "plain", "max_new_tokens": 4, "limit": 8}
+    path = write_recipe(tmp_path, recipe)
+    proc = subprocess.run([sys.executable, "-m", "posttrain", "train", str(path), "--run-dir", str(tmp_path / "r"),
+                           "stages.sft.args.lr=1e-3"], capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "initial" in proc.stdout and "sft" in proc.stdout and "accuracy" in proc.stdout
+    evals = [json.loads(l) for l in (tmp_path / "r" / "eval.jsonl").read_text().splitlines()]
+    assert [e["model"] for e in evals] == ["initial", "sft"] and all(e["n"] == 8 for e in evals)
+    assert yaml.safe_load((tmp_path / "r" / "recipe.resolved.yaml").read_text())["stages"]["sft"]["args"]["lr"] == 1e-3
