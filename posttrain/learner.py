@@ -171,6 +171,16 @@ class Learner:
         return metrics
 
     @torch.no_grad()
+    def forward_no_grad(self, micro_batches: list[dict], fn) -> list:
+        """`fn(model, micro_batch)` for each micro-batch without gradients (e.g. `old_logp`)."""
+        self.model.eval()
+        out = []
+        for mb in micro_batches:
+            with self.accelerator.autocast():
+                out.append(fn(self.model, mb))
+        return out
+
+    @torch.no_grad()
     def eval_loss(self, micro_batches: list[dict], loss_fn, reduction: Reduction) -> float:
         """The reduced loss of a batch without a gradient step (e.g. validation loss)."""
         self.model.eval()

@@ -16,7 +16,7 @@ import yaml
 from pydantic import BaseModel, ValidationError
 
 from posttrain.errors import UserError, did_you_mean
-from posttrain.recipe.schema import Recipe, TrainArgs, split_args, stage_args_model
+from posttrain.recipe.schema import Recipe, TrainArgs, geometry_problems, split_args, stage_args_model
 
 Where = dict[tuple, str]  # key path -> "file:line" (or "override `k=v`")
 
@@ -208,13 +208,13 @@ def _validate_stage(name: str, spec, recipe_where: Where, source: str) -> tuple[
         what = f"stage kind `{kind}` is unknown" + did_you_mean(kind, STAGE_KINDS)
         hint = "" if spec.kind else " (set `kind:` when the stage name is not its kind)"
         return None, [f"{_locate(recipe_where, loc, source)}: stages.{name}: {what}{hint}"]
-    algo_args = STAGE_KINDS[kind].args
-    model = stage_args_model(kind, algo_args)
+    algo_args, rl = STAGE_KINDS[kind].args, STAGE_KINDS[kind].rl
+    model = stage_args_model(kind, algo_args, rl)
     try:
         validated = model(**spec.args)
     except ValidationError as exc:
         return None, _validation_error(exc, model, ("stages", name, "args"), recipe_where, source)
-    train, algo = split_args(validated, algo_args)
+    train, algo = split_args(validated, algo_args, rl)
     return Stage(name=name, kind=kind, spec=spec, train=train, algo=algo), []
 
 
@@ -241,17 +241,11 @@ def load_recipe(path: str | Path, overrides: list[str] = ()) -> Resolved:
 
 def check_batch_geometry(resolved: Resolved, num_processes: int) -> None:
     """Every stage's global batch must split into whole micro-batches on every process."""
-    problems = []
-    for stage in resolved.stages:
-        t = stage.train
-        per_step = t.micro_batch_size * num_processes
-        if t.batch_size % per_step:
-            problems.append(
-                f"stages.{stage.name}.args: batch_size {t.batch_size} is not a multiple of "
-                f"micro_batch_size {t.micro_batch_size} × {num_processes} processes = {per_step}; "
-                f"use a batch_size of {max(per_step, t.batch_size // per_step * per_step)} "
-                f"or {(t.batch_size // per_step + 1) * per_step}, or change micro_batch_size"
-            )
+    problems = [
+        f"stages.{stage.name}.args: {problem}"
+        for stage in resolved.stages
+        for problem in geometry_problems(stage.train, num_processes)
+    ]
     if problems:
         raise UserError("\n".join(problems))
 

@@ -111,6 +111,47 @@ class TrainArgs(Strict):
     log_every: int = Field(1, gt=0)
 
 
+class RLArgs(TrainArgs):
+    """TrainArgs plus the rollout settings every RL stage shares (flat inside `args`).
+
+    One RL step samples `group_size` completions for each of `prompts_per_step` prompts (N = B·G rows),
+    then takes `ppo_epochs × N / batch_size` optimizer steps on them. `steps` counts RL steps.
+    """
+
+    prompts_per_step: int = Field(16, gt=0)  # B, all processes together
+    group_size: int = Field(8, gt=0)  # G completions per prompt
+    temperature: float = Field(1.0, ge=0)  # 0: greedy; the learner divides logits by it too
+    top_p: float = Field(1.0, gt=0, le=1)
+    top_k: int = Field(0, ge=0)  # 0: off
+    max_tokens: int = Field(256, gt=0)  # generation budget per completion
+    stop: list[str] = []
+    dynamic_sampling: bool = False  # DAPO: drop zero-variance groups and sample more prompts to refill
+    max_sampling_rounds: int = Field(4, gt=0)  # cap on sampling rounds per step with dynamic sampling
+    batch_size: int | None = Field(None, gt=0)  # sequences per optimizer step; default: all N rows
+
+
+def geometry_problems(t: TrainArgs, processes: int) -> list[str]:
+    """Why a stage's batch sizes cannot be split over `processes` (empty when they can)."""
+    problems = []
+    batch = t.batch_size
+    if isinstance(t, RLArgs):
+        rows = t.prompts_per_step * t.group_size
+        batch = t.batch_size or rows
+        if t.prompts_per_step % processes:
+            problems.append(f"prompts_per_step {t.prompts_per_step} is not a multiple of {processes} processes")
+        if rows % batch:
+            problems.append(f"prompts_per_step {t.prompts_per_step} × group_size {t.group_size} = {rows} rows "
+                            f"is not a multiple of batch_size {batch}")
+    per_step = t.micro_batch_size * processes
+    if batch % per_step:
+        problems.append(
+            f"batch_size {batch} is not a multiple of micro_batch_size {t.micro_batch_size} × {processes} "
+            f"processes = {per_step}; use a batch_size of {max(per_step, batch // per_step * per_step)} "
+            f"or {(batch // per_step + 1) * per_step}, or change micro_batch_size"
+        )
+    return problems
+
+
 class TrackingSpec(Strict):
     trackers: list[Literal["tensorboard", "wandb", "trackio"]] = []
     project: str | None = None  # tracker project name; default: the recipe name
@@ -161,18 +202,21 @@ def _field_from_dataclass(f: dataclasses.Field, hint) -> tuple[Any, Any]:
 
 
 @functools.cache
-def stage_args_model(kind: str, algo_args: type) -> type[BaseModel]:
-    """A strict model for `stages.<name>.args` of a stage of `kind` whose algorithm uses `algo_args`."""
+def stage_args_model(kind: str, algo_args: type, rl: bool = False) -> type[BaseModel]:
+    """A strict model for `stages.<name>.args` of a stage of `kind` whose algorithm uses `algo_args`:
+    the shared `TrainArgs` (or `RLArgs` for RL stages) plus the algorithm's fields."""
+    base = RLArgs if rl else TrainArgs
     hints = typing.get_type_hints(algo_args)
     fields = {f.name: _field_from_dataclass(f, hints[f.name]) for f in dataclasses.fields(algo_args)}
-    clash = set(fields) & set(TrainArgs.model_fields)
-    assert not clash, f"{algo_args.__qualname__} redefines shared training args {clash}"
-    return create_model(f"{kind.capitalize()}StageArgs", __base__=TrainArgs, **fields)
+    clash = set(fields) & set(base.model_fields)
+    assert not clash, f"{algo_args.__qualname__} redefines shared args {clash}"
+    return create_model(f"{kind.capitalize()}StageArgs", __base__=base, **fields)
 
 
-def split_args(validated: BaseModel, algo_args: type) -> tuple[TrainArgs, Any]:
-    """Split a validated flat args model into (TrainArgs, the algorithm's Args instance)."""
+def split_args(validated: BaseModel, algo_args: type, rl: bool = False) -> tuple[TrainArgs, Any]:
+    """Split a validated flat args model into (TrainArgs or RLArgs, the algorithm's Args instance)."""
     values = validated.model_dump()
     algo_names = {f.name for f in dataclasses.fields(algo_args)}
-    train = TrainArgs(**{k: v for k, v in values.items() if k not in algo_names})
+    base = RLArgs if rl else TrainArgs
+    train = base(**{k: v for k, v in values.items() if k not in algo_names})
     return train, algo_args(**{k: v for k, v in values.items() if k in algo_names})

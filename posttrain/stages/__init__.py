@@ -16,6 +16,7 @@ from posttrain.algorithms import sft
 class StageKind:
     args: type  # the algorithm's Args dataclass
     runner: str  # "module:function"
+    rl: bool = False  # args also take the shared rollout settings (RLArgs)
 
     def run(self, ctx):
         module, func = self.runner.split(":")

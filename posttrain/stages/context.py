@@ -72,15 +72,16 @@ def chunks(items: list, size: int) -> list[list]:
     return [items[i : i + size] for i in range(0, len(items), size)]
 
 
-def resume_step(ctx: StageContext, learner) -> int:
-    """Load the stage's latest checkpoint into the learner when resuming; return the step to start at."""
+def resume_step(ctx: StageContext, learner, updates_per_step: int = 1) -> int:
+    """Load the stage's latest checkpoint into the learner when resuming; return the step to start at.
+    `updates_per_step`: optimizer steps per loop step (RL stages take several per rollout batch)."""
     if not ctx.resume:
         return 0
     ckpt = checkpoint.latest_checkpoint(ctx.stage_dir)
     if ckpt is None:
         return 0
     state = checkpoint.read_state(ckpt)
-    learner.load_state(ckpt / "learner", step=state["step"])
+    learner.load_state(ckpt / "learner", step=state["step"] * updates_per_step)
     if ctx.accelerator.is_main_process:
         print(f"[posttrain] resuming stage `{ctx.stage.name}` from {ckpt} (step {state['step']})")
     return state["step"]
@@ -90,11 +91,12 @@ def _state(ctx: StageContext, step: int, total: int, complete: bool) -> dict:
     return {"stage": ctx.stage.name, "stage_index": ctx.index, "step": step, "total_steps": total, "complete": complete}
 
 
-def run_loop(ctx: StageContext, learner, total_steps: int, step_fn, validate_fn=None) -> Path:
-    """Drive `step_fn(step) -> metrics` for the stage's optimizer steps with logging, validation,
-    checkpoints and a progress bar; write and return the final HF checkpoint."""
+def run_loop(ctx: StageContext, learner, total_steps: int, step_fn, validate_fn=None, updates_per_step: int = 1) -> Path:
+    """Drive `step_fn(step) -> metrics` for the stage's steps with logging, validation, checkpoints and a
+    progress bar; write and return the final HF checkpoint. A step is one optimizer step (SFT) or one
+    rollout batch with `updates_per_step` optimizer steps (RL)."""
     train = ctx.stage.train
-    start = resume_step(ctx, learner)
+    start = resume_step(ctx, learner, updates_per_step)
     ctx.log.global_step = _global_step_before(ctx) + start
     bar = progress_bar(total_steps, start, f"{ctx.stage.name}", ctx.recipe.tracking.progress and ctx.accelerator.is_main_process)
     for step in range(start, total_steps):

@@ -1,0 +1,311 @@
+"""RL stage (GRPO, Dr.GRPO, DAPO): the loop every RL-style paper stage reuses, read top to bottom as dataflow:
+
+    prompts → rollout engine (G samples each) → scorer (reward registry) → [dynamic sampling: drop
+    zero-variance groups, sample more prompts] → group advantages → old/ref log-probs → μ × (N / batch_size)
+    learner steps → weight sync into the engine.
+
+The math lives in `algorithms/grpo.py`; this module only moves data. Every process takes its shard of the
+step's prompts (B / processes), samples and scores them on its own, and joins the others only in the learner.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import time
+from functools import partial
+from pathlib import Path
+
+import torch
+
+from posttrain.algorithms import grpo
+from posttrain.algorithms.ops import token_logprobs
+from posttrain.data import collate, load_rows, render_prompt
+from posttrain.errors import UserError
+from posttrain.learner import Learner
+from posttrain.stages.context import BatchOrder, StageContext, chunks, run_loop, shard
+
+# ---------------------------------------------------------------------------------------------- data
+
+
+@dataclasses.dataclass
+class PromptSet:
+    ids: list[list[int]]  # rendered, tokenized prompts
+    texts: list[str]  # rendered prompts (what the model sees)
+    columns: dict[str, list]  # every dataset column, for verifiers (e.g. `answer`)
+
+
+def load_prompts(ctx: StageContext) -> PromptSet:
+    spec = ctx.stage.spec.data
+    rows = load_rows(spec.path, spec.split, spec.name, spec.limit)
+    if spec.prompt_column not in rows.column_names:
+        raise UserError(f"dataset `{spec.path}` has no column `{spec.prompt_column}` (columns: {', '.join(rows.column_names)})")
+    texts = [render_prompt(ctx.tokenizer, p, spec.template, spec.system_prompt) for p in rows[spec.prompt_column]]
+    ids = [ctx.tokenizer(t, add_special_tokens=False)["input_ids"] for t in texts]
+    keep = [i for i, x in enumerate(ids) if len(x) <= spec.max_length]
+    if not keep:
+        raise UserError(f"dataset `{spec.path}`: every prompt is longer than max_length {spec.max_length} tokens")
+    columns = {c: [rows[c][i] for i in keep] for c in rows.column_names}
+    return PromptSet([ids[i] for i in keep], [texts[i] for i in keep], columns)
+
+
+# ----------------------------------------------------------------------------------------- sampling
+
+
+@dataclasses.dataclass
+class Group:
+    """One prompt and its G scored completions."""
+
+    prompt: int  # index into the PromptSet
+    completions: list  # list[Completion]
+    rewards: list[float]
+    per_reward: dict[str, list]
+
+    @property
+    def zero_variance(self) -> bool:
+        return max(self.rewards) == min(self.rewards)
+
+
+class Sampler:
+    """Generate and score groups for one process; with dynamic sampling keep only informative groups."""
+
+    def __init__(self, ctx: StageContext, engine, scorer, prompts: PromptSet):
+        self.ctx, self.engine, self.scorer, self.prompts = ctx, engine, scorer, prompts
+        t = ctx.stage.train
+        self.train = t
+        self.order = BatchOrder(len(prompts.ids), t.prompts_per_step, ctx.seed)
+        self.refill = BatchOrder(len(prompts.ids), t.prompts_per_step, ctx.seed + 7919)
+        from posttrain.rollout.base import SamplingParams
+
+        self.sampling = lambda seed: SamplingParams(
+            n=t.group_size, temperature=t.temperature, top_p=t.top_p, top_k=t.top_k,
+            max_tokens=t.max_tokens, stop=tuple(t.stop), seed=seed,
+        )
+        self.stats: dict[str, float] = {}
+
+    def _local(self, indices: list[int]) -> list[int]:
+        acc = self.ctx.accelerator
+        return shard(indices, acc.process_index, acc.num_processes)
+
+    def _groups(self, prompt_indices: list[int], seed: int) -> list[Group]:
+        start = time.perf_counter()
+        outs = self.engine.generate([self.prompts.ids[i] for i in prompt_indices], self.sampling(seed))
+        self.stats["time/generate"] += time.perf_counter() - start
+        start = time.perf_counter()
+        flat = [(i, c) for i, cs in zip(prompt_indices, outs) for c in cs]
+        columns = {k: [v[i] for i, _ in flat] for k, v in self.prompts.columns.items()}
+        result = self.scorer.score(
+            [self.prompts.texts[i] for i, _ in flat], [c.text for _, c in flat], [c.token_ids for _, c in flat], columns
+        )
+        self.stats["time/score"] += time.perf_counter() - start
+        self.results.append(result)
+        g = self.train.group_size
+        return [
+            Group(p, cs, result.total[k * g : (k + 1) * g],
+                  {n: v[k * g : (k + 1) * g] for n, v in result.per_reward.items()})
+            for k, (p, cs) in enumerate(zip(prompt_indices, outs))
+        ]
+
+    def sample(self, step: int) -> tuple[list[Group], list[bool]]:
+        """This process's groups for `step` and which of them train (False: masked out)."""
+        self.stats = {"time/generate": 0.0, "time/score": 0.0}
+        self.results = []
+        seed = self.ctx.seed * 1_000_003 + step * 101 + self.ctx.accelerator.process_index
+        groups = self._groups(self._local(self.order.batch(step)), seed)
+        first = groups
+        if not self.train.dynamic_sampling:
+            return groups, [True] * len(groups)
+        want = len(groups)
+        kept = [g for g in groups if not g.zero_variance]
+        rounds = 1
+        while len(kept) < want and rounds < self.train.max_sampling_rounds:
+            more = self._groups(self._local(self.refill.batch(step * self.train.max_sampling_rounds + rounds)), seed + rounds)
+            kept += [g for g in more if not g.zero_variance]
+            rounds += 1
+        self.stats["dynamic/kept_ratio"] = sum(not g.zero_variance for g in first) / len(first)
+        self.stats["dynamic/rounds"] = rounds
+        if len(kept) >= want:
+            return kept[:want], [True] * want
+        # Still short after the cap: fill with dropped groups whose rows are masked out entirely, so they add
+        # neither gradient nor tokens to the normaliser and the batch geometry stays fixed.
+        dropped = [g for g in first if g.zero_variance][: want - len(kept)]
+        return kept + dropped, [True] * len(kept) + [False] * len(dropped)
+
+
+# -------------------------------------------------------------------------------------------- batch
+
+
+def build_rows(groups: list[Group], trains: list[bool], prompts: PromptSet, adv: torch.Tensor) -> list[dict]:
+    """One training row per completion: prompt + completion tokens, loss mask on the completion (incl. EOS)."""
+    rows, k = [], 0
+    for group, train in zip(groups, trains):
+        prompt = prompts.ids[group.prompt]
+        for completion in group.completions:
+            n = len(completion.token_ids)
+            rows.append({
+                "input_ids": prompt + completion.token_ids,
+                "mask": [0] * len(prompt) + [int(train)] * n,
+                "adv": float(adv[k]),
+                "truncated": completion.finish_reason == "length",
+                "rollout_logp": completion.logprobs,
+            })
+            k += 1
+    return rows
+
+
+def collate_rl(rows: list[dict], pad_id: int) -> dict:
+    """`collate` plus per-row advantages, truncation flags and target-aligned sampler log-probs."""
+    batch = collate([{"input_ids": r["input_ids"], "mask": r["mask"]} for r in rows], pad_id)
+    batch["adv"] = torch.tensor([r["adv"] for r in rows], dtype=torch.float32)
+    batch["truncated"] = torch.tensor([r["truncated"] for r in rows])
+    rollout = torch.zeros_like(batch["mask"], dtype=torch.float32)
+    for i, r in enumerate(rows):
+        if r["rollout_logp"] is not None:
+            n, start = len(r["rollout_logp"]), len(r["input_ids"]) - len(r["rollout_logp"]) - 1
+            rollout[i, start : start + n] = torch.tensor(r["rollout_logp"])
+    batch["rollout_logp"] = rollout
+    for key in ("old_logp", "ref_logp"):
+        if key in rows[0]:
+            width = batch["mask"].shape[1]
+            batch[key] = torch.stack([torch.nn.functional.pad(r[key], (0, width - r[key].shape[0])) for r in rows])
+    return batch
+
+
+def sequence_logprobs(model, mb: dict, temperature: float) -> torch.Tensor:
+    """Learner log-probs of the target tokens `[n, L−1]`, logits divided by the sampling temperature."""
+    out = model(input_ids=mb["input_ids"], attention_mask=mb["attention_mask"], use_cache=False)
+    return token_logprobs(out.logits[:, :-1], mb["input_ids"][:, 1:], temperature)
+
+
+def grpo_loss(model, mb: dict, args: grpo.Args, temperature: float):
+    out = model(input_ids=mb["input_ids"], attention_mask=mb["attention_mask"], use_cache=False)
+    logits = out.logits[:, :-1]
+    logp = token_logprobs(logits, mb["input_ids"][:, 1:], temperature)
+    result = grpo.policy_loss(
+        logp, mb.get("old_logp", logp.detach()), mb["adv"], mb["mask"], args,
+        ref_logp=mb.get("ref_logp"), rollout_logp=mb["rollout_logp"] if args.tis_cap else None,
+        truncated=mb["truncated"],
+    )
+    with torch.no_grad():
+        z = logits.float() / temperature
+        entropy = torch.logsumexp(z, -1) - (torch.softmax(z, -1) * z).sum(-1)
+        result.metrics["entropy"] = (entropy * result.mask).sum()
+    return result
+
+
+# --------------------------------------------------------------------------------------------- stage
+
+
+def _temperature(t) -> float:
+    return t.temperature if t.temperature > 0 else 1.0  # greedy sampling: score the raw distribution
+
+
+def _attach_logprobs(learner, ref_model, rows, pad_id, micro, temperature, need_old) -> None:
+    """Per-row `old_logp` (learner at rollout time) and `ref_logp` (frozen reference), target-aligned."""
+    if not need_old and ref_model is None:
+        return
+    for chunk in chunks(list(range(len(rows))), micro):
+        mb = collate_rl([rows[i] for i in chunk], pad_id)
+        lengths = [len(rows[i]["input_ids"]) - 1 for i in chunk]
+        if need_old:
+            (logp,) = learner.forward_no_grad([mb], partial(sequence_logprobs, temperature=temperature))
+            for i, n, row in zip(chunk, lengths, logp):
+                rows[i]["old_logp"] = row[:n].float().cpu()
+        if ref_model is not None:
+            with torch.no_grad():
+                ref = sequence_logprobs(ref_model, {k: v.to(learner.device) for k, v in mb.items()}, temperature)
+            for i, n, row in zip(chunk, lengths, ref):
+                rows[i]["ref_logp"] = row[:n].float().cpu()
+
+
+def _reduce_means(acc, values: dict[str, tuple[float, float]]) -> dict[str, float]:
+    """Σ sums / Σ counts across processes for each metric."""
+    names = sorted(values)
+    t = torch.tensor([[values[n][0], values[n][1]] for n in names], dtype=torch.float64, device=acc.device)
+    t = acc.reduce(t, reduction="sum")
+    return {n: float(t[i, 0] / max(float(t[i, 1]), 1e-12)) for i, n in enumerate(names)}
+
+
+def _rollout_metrics(acc, groups, trains, results, stats) -> dict[str, float]:
+    lengths = [len(c.token_ids) for g in groups for c in g.completions]
+    truncated = [c.finish_reason == "length" for g in groups for c in g.completions]
+    values = {
+        "completion_len/mean": (sum(lengths), len(lengths)),
+        "truncation_rate": (sum(truncated), len(truncated)),
+        "zero_variance_groups": (sum(g.zero_variance for g in groups), len(groups)),
+        "reward/total/mean": (sum(sum(g.rewards) for g in groups), len(lengths)),
+    }
+    for name in groups[0].per_reward:
+        scored = [r for g in groups for r in g.per_reward[name] if r is not None]
+        values[f"reward/{name}/mean"] = (sum(scored), len(scored))
+    first = next(iter(groups[0].per_reward))  # accuracy: the first verifier, usually correctness
+    values["accuracy"] = values[f"reward/{first}/mean"]
+    for key in ("failures", "timeouts"):
+        for name in groups[0].per_reward:
+            values[f"verifier/{name}/{key}"] = (sum(getattr(r, key).get(name, 0) for r in results), 1.0 / acc.num_processes)
+    for key, value in stats.items():
+        values[key] = (value, 1.0)  # mean over processes
+    metrics = _reduce_means(acc, values)
+    max_len = torch.tensor(float(max(lengths)), device=acc.device)
+    metrics["completion_len/max"] = float(acc.reduce(max_len, reduction="max") if acc.num_processes > 1 else max_len)
+    rewards = torch.tensor([r for g in groups for r in g.rewards], dtype=torch.float64)
+    metrics["reward/total/std"] = float(rewards.std()) if len(rewards) > 1 else 0.0  # this process's rows
+    return metrics
+
+
+def run(ctx: StageContext) -> Path:
+    from posttrain.models import load_causal_lm
+    from posttrain.reward import Scorer
+    from posttrain.rollout.base import make_engine
+
+    t, args, acc = ctx.stage.train, ctx.stage.algo, ctx.accelerator
+    if not t.steps:
+        raise UserError(f"stages.{ctx.stage.name}.args.steps: RL stages need a number of steps")
+    batch_size = t.batch_size or t.prompts_per_step * t.group_size  # geometry checked by the pipeline
+    prompts = load_prompts(ctx)
+    n_rows = t.prompts_per_step * t.group_size
+    updates_per_step = args.ppo_epochs * n_rows // batch_size
+    learner_args = t.model_copy(update={"batch_size": batch_size})
+    learner = Learner(acc, ctx.recipe.model, learner_args, t.steps * updates_per_step, ctx.init_path)
+    ref_model = None
+    if args.kl_coef > 0:
+        ref_model = load_causal_lm(ctx.init_path, ctx.recipe.model).to(learner.device).eval().requires_grad_(False)
+    engine = make_engine(ctx.stage.spec.engine, model=learner.unwrapped(), tokenizer=ctx.tokenizer)
+    scorer = Scorer(ctx.stage.spec.rewards)
+    sampler = Sampler(ctx, engine, scorer, prompts)
+    pad_id, temperature = ctx.tokenizer.pad_token_id, _temperature(t)
+    reduction = grpo.reduction(args, t.max_tokens)
+    loss_fn = partial(grpo_loss, args=args, temperature=temperature)
+    need_old = args.ppo_epochs > 1 or updates_per_step > 1 or args.tis_cap is not None
+    per_rank = batch_size // acc.num_processes
+
+    def step_fn(step: int) -> dict:
+        groups, trains = sampler.sample(step)
+        rewards = torch.tensor([r for g in groups for r in g.rewards], dtype=torch.float32)
+        adv = grpo.group_advantages(rewards, t.group_size, args)
+        rows = build_rows(groups, trains, prompts, adv)
+        start = time.perf_counter()
+        _attach_logprobs(learner, ref_model, rows, pad_id, t.micro_batch_size, temperature, need_old)
+        time_logprobs = time.perf_counter() - start
+        learn: dict[str, float] = {}
+        start = time.perf_counter()
+        for epoch in range(args.ppo_epochs):
+            g = torch.Generator().manual_seed(ctx.seed + 31 * step + epoch)
+            order = torch.randperm(len(rows), generator=g).tolist() if updates_per_step > 1 else list(range(len(rows)))
+            for mini in chunks(order, per_rank):
+                micro = [collate_rl([rows[i] for i in idx], pad_id) for idx in chunks(mini, t.micro_batch_size)]
+                learn = learner.train_step(micro, loss_fn, reduction)
+        time_update = time.perf_counter() - start
+        start = time.perf_counter()
+        engine.load_weights(learner.unwrapped().named_parameters())  # a no-op when colocated (shared module)
+        time_sync = time.perf_counter() - start
+        metrics = {**learn, **_rollout_metrics(acc, groups, trains, sampler.results, sampler.stats)}
+        gen_tokens = sum(len(c.token_ids) for g in groups for c in g.completions)
+        metrics.update({"time/logprobs": time_logprobs, "time/update": time_update, "time/sync": time_sync,
+                        "tokens/s": gen_tokens * acc.num_processes / max(metrics["time/generate"] + time_update, 1e-9)})
+        return metrics
+
+    try:
+        return run_loop(ctx, learner, t.steps, step_fn, updates_per_step=updates_per_step)
+    finally:
+        scorer.close()
