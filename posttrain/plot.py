@@ -26,6 +26,7 @@ NON_METRIC_KEYS = {"stage", "step", "global_step", "timestamp", "wall_time", "ep
 TIME_PREFIXES = {"time", "timing", "perf", "throughput"}
 TIME_SUFFIXES = ("time", "_s", "_sec", "_secs", "_seconds", "_ms", "elapsed", "per_sec", "per_s")
 EMA_MIN_POINTS = 40  # below this many points per stage, draw the raw values only (with markers)
+UNSMOOTHED = ("lr", "learning_rate")  # schedules: drawn exactly, never EMA-smoothed
 
 
 class MetricsNotFoundError(UserError, FileNotFoundError):
@@ -144,7 +145,7 @@ def series(segment: dict, key: str) -> tuple[list[float], list[float]]:
     xs, ys = [], []
     for rec in segment["records"]:
         value = rec.get(key)
-        if _is_number(value) and not math.isnan(value):
+        if _is_number(value) and math.isfinite(value):
             xs.append(rec["step"] + segment["offset"])
             ys.append(float(value))
     return xs, ys
@@ -168,7 +169,9 @@ def _draw_panel(ax, segments: list[dict], key: str) -> None:
             continue
         all_ys += ys
         color = f"C{i % 10}"
-        if len(xs) >= EMA_MIN_POINTS:
+        if key.rsplit("/", 1)[-1] in UNSMOOTHED:
+            ax.plot(xs, ys, color=color, linewidth=1.6)
+        elif len(xs) >= EMA_MIN_POINTS:
             ax.plot(xs, ys, color=color, alpha=0.25, linewidth=0.8)
             ax.plot(xs, ema(ys, max(2, len(xs) // 10)), color=color, linewidth=1.8)
         else:

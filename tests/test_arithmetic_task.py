@@ -28,6 +28,9 @@ def test_value_ranges_follow_defaults():
         assert 2 <= len(numbers) <= 3
         assert all(0 <= x <= arithmetic.MAX_OPERAND for x in numbers)
         assert expr.count("*") <= arithmetic.MAX_MUL
+        for term in expr.replace("-", "+").split("+"):
+            if "*" in term:
+                assert all(0 <= int(f) <= arithmetic.MAX_FACTOR for f in term.split("*"))
         assert not any(len(x) > 1 and x.startswith("0") for x in expr.replace("*", "+").replace("-", "+").split("+"))
 
 
@@ -49,7 +52,12 @@ def test_rows_are_unique_and_too_small_space_is_an_error():
     prompts = [r["prompt"] for r in make_rows(5000, seed=0)]
     assert len(set(prompts)) == len(prompts)
     with pytest.raises(ValueError, match="distinct"):
-        make_rows(200, seed=0, max_operand=3, min_operands=2, max_operands=2)  # only 4*4*3 = 48 exist
+        make_rows(200, seed=0, max_operand=3, max_factor=3, max_operands=2)  # only 4*4*3 = 48 exist
+
+
+def test_unknown_setting_is_rejected():
+    with pytest.raises(TypeError, match="max_operand"):
+        make_rows(10, seed=0, max_operandz=5)
 
 
 def test_options_restrict_the_expressions():
@@ -84,6 +92,7 @@ def test_cli_writes_the_splits(tmp_path, capsys):
 
 
 def test_cli_reports_an_impossible_request(tmp_path, capsys):
-    argv = ["--out", str(tmp_path), "--n-train", "100", "--n-test", "10", "--max-operand", "2", "--max-operands", "2"]
+    argv = ["--out", str(tmp_path), "--n-train", "100", "--n-test", "10", "--max-operand", "2", "--max-factor", "2",
+            "--max-operands", "2"]
     assert arithmetic.main(argv) == 2
     assert "error:" in capsys.readouterr().err

@@ -6,8 +6,8 @@ precedence (`*` binds tighter, then left to right), written without spaces and e
     {"prompt": "12+7*3=", "completion": "33", "answer": "33"}
 
 The answer is `str(int)` of the exact value, so it may be negative (`"3-4*5="` -> `"-17"`). The defaults
-keep the task small enough that a ~0.5M-parameter transformer trained from scratch with SFT reaches high
-exact-match accuracy in about a minute on a CPU: operands 0..20, 2 or 3 operands, at most one `*`.
+keep the task small enough for a ~0.5M-parameter transformer trained from scratch with SFT: operands
+0..20, 2 or 3 operands, at most one `*` and its two factors 0..MAX_FACTOR.
 
 Command line (writes train.jsonl, test.jsonl, corpus.txt and README.md):
 
@@ -22,24 +22,30 @@ import random
 import sys
 from pathlib import Path
 
-MAX_OPERAND = 20
-MIN_OPERANDS = 2
-MAX_OPERANDS = 3
 OPS = "+-*"
-MAX_MUL = 1
+# Generation settings of make_rows, with their defaults; each is also a CLI flag (--max-operand ...).
+DEFAULTS = {
+    "max_operand": 20,  # operands are 0..max_operand
+    "max_factor": 9,  # operands next to a `*` are 0..max_factor (keeps products <= 81)
+    "min_operands": 2,
+    "max_operands": 3,
+    "ops": OPS,
+    "max_mul": 1,  # at most this many `*` per expression
+}
+MAX_OPERAND, MAX_FACTOR, MAX_MUL = DEFAULTS["max_operand"], DEFAULTS["max_factor"], DEFAULTS["max_mul"]
 
 
 def evaluate(prompt: str) -> int:
     """The exact integer value of `prompt` ("12+7*3=" or "12+7*3"), with `*` before `+`/`-`."""
-    expr = prompt.rstrip("=")
-    terms, sign, current = [], 1, ""
+    expr = prompt.removesuffix("=")
+    total, sign, term = 0, 1, ""
     for ch in expr + "+":
         if ch in "+-":
-            terms.append(sign * _product(current))
-            sign, current = (1 if ch == "+" else -1), ""
+            total += sign * _product(term)
+            sign, term = (1 if ch == "+" else -1), ""
         else:
-            current += ch
-    return sum(terms)
+            term += ch
+    return total
 
 
 def _product(term: str) -> int:
@@ -52,17 +58,35 @@ def _product(term: str) -> int:
     return value
 
 
-def _expression(rng: random.Random, max_operand: int, min_operands: int, max_operands: int,
-                ops: str, max_mul: int | None) -> str:
-    """One random expression string without the trailing `=`."""
-    k = rng.randint(min_operands, max_operands)
-    parts = [str(rng.randint(0, max_operand))]
-    n_mul = 0
+def _check_settings(cfg: dict) -> None:
+    """Raise ValueError for settings that cannot produce an expression."""
+    if not 1 <= cfg["min_operands"] <= cfg["max_operands"]:
+        raise ValueError(f"need 1 <= min_operands <= max_operands, got {cfg['min_operands']}, {cfg['max_operands']}")
+    if not cfg["ops"] or set(cfg["ops"]) - set(OPS):
+        raise ValueError(f"ops must be a non-empty subset of {OPS!r}, got {cfg['ops']!r}")
+    if cfg["max_operand"] < 0 or cfg["max_factor"] < 0:
+        raise ValueError("max_operand and max_factor must be >= 0")
+    if set(cfg["ops"]) == {"*"} and cfg["max_mul"] is not None and cfg["max_mul"] < cfg["max_operands"] - 1:
+        raise ValueError(f"ops='*' with max_mul={cfg['max_mul']} cannot make {cfg['max_operands']} operands")
+
+
+def _expression(rng: random.Random, cfg: dict) -> str:
+    """One random expression string without the trailing `=`.
+
+    The operand count and operators are drawn first (at most max_mul `*`), then the operands:
+    0..max_factor next to a `*`, 0..max_operand elsewhere.
+    """
+    k = rng.randint(cfg["min_operands"], cfg["max_operands"])
+    chosen: list[str] = []
     for _ in range(k - 1):
-        allowed = [op for op in ops if op != "*" or max_mul is None or n_mul < max_mul]
-        op = rng.choice(allowed)
-        n_mul += op == "*"
-        parts += [op, str(rng.randint(0, max_operand))]
+        full = cfg["max_mul"] is not None and chosen.count("*") >= cfg["max_mul"]
+        chosen.append(rng.choice([op for op in cfg["ops"] if not (full and op == "*")]))
+    parts = []
+    for i in range(k):
+        near_mul = (i > 0 and chosen[i - 1] == "*") or (i < k - 1 and chosen[i] == "*")
+        parts.append(str(rng.randint(0, cfg["max_factor"] if near_mul else cfg["max_operand"])))
+        if i < k - 1:
+            parts.append(chosen[i])
     return "".join(parts)
 
 
@@ -72,27 +96,27 @@ def make_row(expression: str) -> dict:
     return {"prompt": expression + "=", "completion": answer, "answer": answer}
 
 
-def make_rows(n: int, seed: int = 0, *, max_operand: int = MAX_OPERAND, min_operands: int = MIN_OPERANDS,
-              max_operands: int = MAX_OPERANDS, ops: str = OPS, max_mul: int | None = MAX_MUL,
-              unique: bool = True) -> list[dict]:
+def make_rows(n: int, seed: int = 0, *, unique: bool = True, **settings) -> list[dict]:
     """`n` random rows with columns prompt, completion and answer, deterministic in `seed`.
 
-    With `unique=True` (the default) no prompt appears twice; a `ValueError` is raised when the space of
+    `settings` override DEFAULTS (max_operand, max_factor, min_operands, max_operands, ops, max_mul).
+    With `unique=True` (the default) no prompt appears twice; a ValueError is raised when the space of
     expressions is too small to give `n` distinct prompts.
     """
-    if not 1 <= min_operands <= max_operands:
-        raise ValueError(f"need 1 <= min_operands <= max_operands, got {min_operands}, {max_operands}")
-    if not ops or set(ops) - set(OPS):
-        raise ValueError(f"ops must be a non-empty subset of {OPS!r}, got {ops!r}")
+    unknown = set(settings) - set(DEFAULTS)
+    if unknown:
+        raise TypeError(f"unknown arithmetic settings: {sorted(unknown)} (valid: {sorted(DEFAULTS)})")
+    cfg = {**DEFAULTS, **settings}
+    _check_settings(cfg)
     rng = random.Random(seed)
     seen: set[str] = set()
     rows: list[dict] = []
-    attempts, max_attempts = 0, 50 * n + 1000
+    attempts = 0
     while len(rows) < n:
         attempts += 1
-        if attempts > max_attempts:
+        if attempts > 50 * n + 1000:
             raise ValueError(f"could not draw {n} distinct expressions (got {len(rows)}): widen the ranges")
-        expr = _expression(rng, max_operand, min_operands, max_operands, ops, max_mul)
+        expr = _expression(rng, cfg)
         if unique and expr in seen:
             continue
         seen.add(expr)
@@ -100,13 +124,12 @@ def make_rows(n: int, seed: int = 0, *, max_operand: int = MAX_OPERAND, min_oper
     return rows
 
 
-def make_splits(out_dir, n_train: int = 20000, n_test: int = 500, seed: int = 0, **kwargs) -> dict[str, Path]:
+def make_splits(out_dir, n_train: int = 20000, n_test: int = 500, seed: int = 0, **settings) -> dict[str, Path]:
     """Write train.jsonl, test.jsonl, corpus.txt and README.md to `out_dir`; return their paths by name.
 
-    Prompts are distinct across (and within) the splits, so every test prompt is unseen in training.
-    `kwargs` go to `make_rows` (max_operand, min_operands, max_operands, ops, max_mul).
+    All prompts are distinct, so no test prompt is seen in training. `settings` go to `make_rows`.
     """
-    rows = make_rows(n_train + n_test, seed, unique=True, **kwargs)
+    rows = make_rows(n_train + n_test, seed, unique=True, **settings)
     random.Random(seed + 1).shuffle(rows)
     test, train = rows[:n_test], rows[n_test:]
     out = Path(out_dir)
@@ -116,25 +139,29 @@ def make_splits(out_dir, n_train: int = 20000, n_test: int = 500, seed: int = 0,
     _write_jsonl(paths["train"], train)
     _write_jsonl(paths["test"], test)
     paths["corpus"].write_text("".join(r["prompt"] + r["completion"] + "\n" for r in train))
-    paths["readme"].write_text(_readme(out, n_train, n_test, seed, kwargs))
+    paths["readme"].write_text(_readme(out, n_train, n_test, seed, settings, train + test))
     return paths
 
 
 def _write_jsonl(path: Path, rows: list[dict]) -> None:
-    """One JSON object per line, keys in column order."""
+    """One compact JSON object per line, keys in column order."""
     with path.open("w") as f:
         for row in rows:
-            f.write(json.dumps(row) + "\n")
+            f.write(json.dumps(row, separators=(",", ":")) + "\n")
 
 
-def _readme(out: Path, n_train: int, n_test: int, seed: int, kwargs: dict) -> str:
-    """The dataset card written next to the splits."""
-    cfg = {"max_operand": MAX_OPERAND, "min_operands": MIN_OPERANDS, "max_operands": MAX_OPERANDS,
-           "ops": OPS, "max_mul": MAX_MUL, **kwargs}
+def _command(out: Path, n_train: int, n_test: int, seed: int, settings: dict) -> str:
+    """The command line that regenerates these files."""
     cmd = f"python -m posttrain.tasks.arithmetic --out {out.as_posix()} --n-train {n_train} --n-test {n_test} --seed {seed}"
-    for key in ("max_operand", "min_operands", "max_operands", "ops", "max_mul"):
-        if key in kwargs:
-            cmd += f" --{key.replace('_', '-')} {kwargs[key]}"
+    for key, value in settings.items():
+        cmd += f" --{key.replace('_', '-')} {value}"
+    return cmd
+
+
+def _readme(out: Path, n_train: int, n_test: int, seed: int, settings: dict, rows: list[dict]) -> str:
+    """The dataset card written next to the splits."""
+    cfg = {**DEFAULTS, **settings}
+    values = [int(r["answer"]) for r in rows]
     return f"""# Arithmetic quickstart task
 
 Integer expressions over small non-negative operands with `+`, `-`, `*` and standard precedence
@@ -143,7 +170,7 @@ Integer expressions over small non-negative operands with `+`, `-`, `*` and stan
 | column | example | meaning |
 |---|---|---|
 | `prompt` | `12+7*3=` | the expression, no spaces, ending in `=` |
-| `completion` | `33` | the target text for SFT: `str(int)` of the value (may be negative, e.g. `-17`) |
+| `completion` | `33` | the SFT target: `str(int)` of the value, may be negative (`3-4*5=` -> `-17`) |
 | `answer` | `33` | same as `completion`; the reference for exact-match rewards and evaluation |
 
 Files:
@@ -152,11 +179,16 @@ Files:
   appears in training.
 - `corpus.txt`: one line per training row, `prompt + completion` (e.g. `12+7*3=33`), for training a tokenizer.
 
-Generation settings: operands 0..{cfg['max_operand']}, {cfg['min_operands']} to {cfg['max_operands']} operands,
-operators `{cfg['ops']}`, at most {cfg['max_mul']} `*` per expression, seed {seed}. Generated by:
+Settings (seed {seed}):
+
+- {cfg['min_operands']} to {cfg['max_operands']} operands, each in 0..{cfg['max_operand']}; operators `{cfg['ops']}`
+- at most {cfg['max_mul']} `*` per expression, both of its factors in 0..{cfg['max_factor']}
+- answers range from {min(values)} to {max(values)}
+
+Generated by:
 
 ```
-{cmd}
+{_command(out, n_train, n_test, seed, settings)}
 ```
 """
 
@@ -169,21 +201,18 @@ def build_parser(parser: argparse.ArgumentParser | None = None) -> argparse.Argu
     p.add_argument("--n-train", type=int, default=20000)
     p.add_argument("--n-test", type=int, default=500)
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--max-operand", type=int, default=None, help=f"largest operand (default {MAX_OPERAND})")
-    p.add_argument("--min-operands", type=int, default=None, help=f"default {MIN_OPERANDS}")
-    p.add_argument("--max-operands", type=int, default=None, help=f"default {MAX_OPERANDS}")
-    p.add_argument("--ops", default=None, help=f"operators to use (default {OPS!r})")
-    p.add_argument("--max-mul", type=int, default=None, help=f"most `*` per expression (default {MAX_MUL})")
+    for key, default in DEFAULTS.items():
+        p.add_argument(f"--{key.replace('_', '-')}", dest=key, type=type(default), default=None,
+                       help=f"default {default}")
     return p
 
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point: write the splits and print where they went."""
     ns = build_parser().parse_args(argv)
-    keys = ("max_operand", "min_operands", "max_operands", "ops", "max_mul")
-    kwargs = {k: getattr(ns, k) for k in keys if getattr(ns, k) is not None}
+    settings = {k: getattr(ns, k) for k in DEFAULTS if getattr(ns, k) is not None}
     try:
-        paths = make_splits(ns.out, ns.n_train, ns.n_test, ns.seed, **kwargs)
+        paths = make_splits(ns.out, ns.n_train, ns.n_test, ns.seed, **settings)
     except ValueError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
