@@ -1,4 +1,4 @@
-"""`posttrain` command line: validate | train | new-model | plot.
+"""`posttrain` command line: validate | train | score | new-model | plot.
 
 Launch training on many processes with `accelerate launch -m posttrain train RECIPE k=v ...`.
 Bad input exits with code 2 and one readable message (no traceback).
@@ -12,10 +12,11 @@ import sys
 
 
 def _validate(ns) -> int:
-    from posttrain.recipe import check_batch_geometry, check_files, load_recipe
+    from posttrain.recipe import check_batch_geometry, check_files, check_rewards, load_recipe
 
     resolved = load_recipe(ns.recipe, ns.overrides)
     check_files(resolved)
+    check_rewards(resolved)
     processes = ns.num_processes or int(os.environ.get("WORLD_SIZE", "1"))
     check_batch_geometry(resolved, processes)
     stages = ", ".join(f"{s.name} ({s.kind})" for s in resolved.stages)
@@ -25,10 +26,11 @@ def _validate(ns) -> int:
 
 def _train(ns) -> int:
     from posttrain import pipeline
-    from posttrain.recipe import check_files, load_recipe
+    from posttrain.recipe import check_files, check_rewards, load_recipe
 
     resolved = load_recipe(ns.recipe, ns.overrides)
     check_files(resolved)
+    check_rewards(resolved)
     run_dir = ns.resume or ns.run_dir
     pipeline.run(resolved, run_dir=run_dir, resume=ns.resume is not None)
     return 0
@@ -44,6 +46,12 @@ def _plot(ns) -> int:
     from posttrain.plot import run_plot
 
     return run_plot(ns)
+
+
+def _score(ns) -> int:
+    from posttrain.score import run_score
+
+    return run_score(ns)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -68,6 +76,12 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("new-model", help="write a random-init HF model and a byte-level BPE tokenizer")
     add_new_model_arguments(p)
     p.set_defaults(func=_new_model)
+
+    from posttrain.score import add_score_arguments
+
+    p = sub.add_parser("score", help="score a jsonl file of completions with a verifier (the training code path)")
+    add_score_arguments(p)
+    p.set_defaults(func=_score)
 
     from posttrain.plot import add_plot_arguments
 

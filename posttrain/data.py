@@ -15,8 +15,10 @@ from posttrain.errors import UserError
 LOCAL_FORMATS = {".json": "json", ".jsonl": "json", ".parquet": "parquet", ".csv": "csv"}
 
 
-def load_rows(path: str, split: str = "train", name: str | None = None, limit: int | None = None):
-    """A `datasets.Dataset` from a local file (json/jsonl/parquet/csv), a local directory, or a hub id."""
+def load_rows(path: str, split: str = "train", name: str | None = None, limit: int | None = None,
+              rename: dict[str, str] | None = None):
+    """A `datasets.Dataset` from a local file (json/jsonl/parquet/csv), a local directory, or a hub id;
+    `rename` maps old column names to new ones."""
     import datasets
 
     local = Path(path)
@@ -36,6 +38,12 @@ def load_rows(path: str, split: str = "train", name: str | None = None, limit: i
         raise UserError(f"cannot load dataset `{path}` (split `{split}`): {err}") from None
     if limit is not None:
         ds = ds.select(range(min(limit, len(ds))))
+    if rename:
+        missing = sorted(set(rename) - set(ds.column_names))
+        if missing:
+            raise UserError(f"dataset `{path}`: cannot rename missing column(s) {', '.join(missing)} "
+                            f"(columns: {', '.join(ds.column_names)})")
+        ds = ds.rename_columns(dict(rename))
     return ds
 
 
@@ -87,12 +95,12 @@ def tokenize_example(tokenizer, row: dict, spec) -> dict:
         for col in (spec.prompt_column, spec.completion_column):
             if col not in row:
                 raise UserError(f"dataset `{spec.path}` has no column `{col}` (columns: {', '.join(row)})")
-        prompt = render_prompt(tokenizer, row[spec.prompt_column], spec.template, spec.system_prompt)
         if spec.template == "chat":
             messages = prompt_messages(row[spec.prompt_column], spec.system_prompt)
             messages.append({"role": "assistant", "content": row[spec.completion_column]})
             segments = _segments(tokenizer, messages)
         else:
+            prompt = render_prompt(tokenizer, row[spec.prompt_column], "plain", spec.system_prompt)
             segments = [(prompt, False), (row[spec.completion_column] + tokenizer.eos_token, True)]
     ids, mask = [], []
     if tokenizer.bos_token_id is not None and spec.template == "plain":

@@ -373,22 +373,6 @@ def test_padding_garbage_does_not_leak():
 
 
 # ---------------------------------------------------------------------------------------------------------
-# DAPO soft overlong punishment
-
-
-def test_overlong_penalty_golden():
-    # L_max 20480, L_cache 4096 → window starts at 16384
-    lengths = [0, 16384, 16385, 18000, 20480, 20481, 30000]
-    expected = [0.0, 0.0, -1 / 4096, -0.394531, -1.0, -1.0, -1.0]  # (16384 − 18000) / 4096 = −0.39453125
-    assert grpo.overlong_penalty(lengths, 20480, 4096).tolist() == pytest.approx(expected, abs=1e-6)
-    assert grpo.overlong_penalty(torch.tensor(lengths), 20480, 4096).tolist() == pytest.approx(expected, abs=1e-6)
-    # no cache window: a hard step just past the budget
-    assert grpo.overlong_penalty([10, 11], 10, 0).tolist() == [0.0, -1.0]
-    with pytest.raises(ValueError):
-        grpo.overlong_penalty([1], 10, 11)
-
-
-# ---------------------------------------------------------------------------------------------------------
 # Args in the recipe schema
 
 

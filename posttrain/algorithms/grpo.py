@@ -16,7 +16,7 @@ The scalar loss is `ops.aggregate(L, mask, reduction(args, max_tokens), totals)`
     GRPO     seq-mean-token-mean       (1/N) Σ_i (1/|o_i|) Σ_t L_it
     Dr.GRPO  seq-mean-token-sum-norm   Σ L / (N · max_tokens)
     DAPO     token-mean                Σ L / Σ |o_i|     with ε_high 0.28, no KL, overlong shaping
-DAPO's soft overlong punishment is `overlong_penalty` (a reward term); dynamic sampling belongs to the stage.
+DAPO's soft overlong punishment is the `length` reward (rewards/length.py); dynamic sampling belongs to the stage.
 `ppo_epochs` (μ) is read by the stage: with μ = 1 and one optimizer step per rollout batch, ρ ≡ 1.
 
 Where this departs from the papers, and why:
@@ -228,24 +228,6 @@ def reduction(args: Args, max_tokens: int) -> Reduction:
     if args.loss_aggregation in ("token-mean", "seq-mean-token-mean"):
         return Reduction(mode=args.loss_aggregation)
     raise ValueError(f"unknown loss_aggregation {args.loss_aggregation!r}")
-
-
-def overlong_penalty(lengths: torch.Tensor | Sequence[int], max_tokens: int, cache: int) -> torch.Tensor:
-    """DAPO soft overlong punishment `[N]` from completion lengths |y| `[N]`:
-
-        0                                     |y| ≤ max_tokens − cache
-        ((max_tokens − cache) − |y|) / cache  max_tokens − cache < |y| ≤ max_tokens   (0 → −1, linear)
-        −1                                    |y| > max_tokens
-
-    L_max 20480, L_cache 4096, |y| 18000 → −0.394531. Added to the task reward by the caller.
-    """
-    if not 0 <= cache <= max_tokens:
-        raise ValueError(f"need 0 <= cache <= max_tokens, got cache={cache}, max_tokens={max_tokens}")
-    n = torch.as_tensor(lengths).to(torch.float32)
-    start = float(max_tokens - cache)
-    ramp = (start - n) / max(cache, 1)
-    out = torch.where(n <= start, torch.zeros_like(n), ramp)
-    return torch.where(n > max_tokens, torch.full_like(n, -1.0), out)
 
 
 def _fp32(x: torch.Tensor) -> torch.Tensor:

@@ -209,6 +209,13 @@ def _validate_stage(name: str, spec, recipe_where: Where, source: str) -> tuple[
         hint = "" if spec.kind else " (set `kind:` when the stage name is not its kind)"
         return None, [f"{_locate(recipe_where, loc, source)}: stages.{name}: {what}{hint}"]
     algo_args, rl = STAGE_KINDS[kind].args, STAGE_KINDS[kind].rl
+    at = _locate(recipe_where, ("stages", name), source)
+    if rl and not spec.rewards:
+        return None, [f"{at}: stages.{name}.rewards: a `{kind}` stage needs at least one reward, e.g. "
+                      f"`rewards: [{{name: math}}]`"]
+    if not rl and spec.rewards:
+        return None, [f"{_locate(recipe_where, ('stages', name, 'rewards'), source)}: stages.{name}.rewards: "
+                      f"a `{kind}` stage takes no rewards"]
     model = stage_args_model(kind, algo_args, rl)
     try:
         validated = model(**spec.args)
@@ -280,3 +287,20 @@ def check_files(resolved: Resolved) -> None:
     ]
     if missing:
         raise UserError("\n".join(missing))
+
+
+def check_rewards(resolved: Resolved) -> None:
+    """Every reward resolves (built-in, registered, entry point or module:function) and takes the settings
+    given in its `kwargs`. Starts no worker process."""
+    from posttrain.reward import Scorer
+
+    problems = []
+    for stage in resolved.stages:
+        if not stage.spec.rewards:
+            continue
+        try:
+            Scorer(stage.spec.rewards).close()
+        except UserError as err:
+            problems.append(f"{resolved.source}: stages.{stage.name}.rewards: {err}")
+    if problems:
+        raise UserError("\n".join(problems))

@@ -14,6 +14,8 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, create_model, model_validator
 
+from posttrain.reward import RewardSpec
+
 
 class Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
@@ -79,6 +81,7 @@ class DataSpec(Strict):
     split: str = "train"
     validation: str | None = None  # a split name of the same dataset, or a path to a local file
     validation_size: float | int | None = Field(None, gt=0)  # held out of `split` when `validation` is unset
+    rename: dict[str, str] = {}  # old column name -> new, e.g. {solution: answer} for verifiers reading `answer`
     prompt_column: str = "prompt"
     completion_column: str = "completion"
     messages_column: str = "messages"
@@ -176,6 +179,8 @@ class StageSpec(Strict):
     kind: str | None = None  # the stage kind; default: the stage's name
     data: DataSpec
     args: dict[str, Any] = {}
+    rewards: list[RewardSpec] = []  # RL stages: verifiers by name or module:function, with weights
+    engine: Literal["hf", "vllm"] = "hf"  # RL stages: the rollout engine
 
 
 class Recipe(Strict):

@@ -37,7 +37,7 @@ class PromptSet:
 
 def load_prompts(ctx: StageContext) -> PromptSet:
     spec = ctx.stage.spec.data
-    rows = load_rows(spec.path, spec.split, spec.name, spec.limit)
+    rows = load_rows(spec.path, spec.split, spec.name, spec.limit, spec.rename)
     if spec.prompt_column not in rows.column_names:
         raise UserError(f"dataset `{spec.path}` has no column `{spec.prompt_column}` (columns: {', '.join(rows.column_names)})")
     texts = [render_prompt(ctx.tokenizer, p, spec.template, spec.system_prompt) for p in rows[spec.prompt_column]]

@@ -27,7 +27,7 @@ def sft_loss(model, mb: dict, args: sft.Args):
 def _splits(ctx: StageContext):
     """Train and (optional) validation rows: a split/file named in `validation`, or a seeded hold-out."""
     spec = ctx.stage.spec.data
-    rows = load_rows(spec.path, spec.split, spec.name, spec.limit)
+    rows = load_rows(spec.path, spec.split, spec.name, spec.limit, spec.rename)
     if spec.validation:
         is_file = Path(spec.validation).suffix in (".json", ".jsonl", ".parquet", ".csv")
         val = load_rows(spec.validation if is_file else spec.path, "train" if is_file else spec.validation, spec.name)
