@@ -1,0 +1,30 @@
+"""Learning tests on the quickstart arithmetic task (slow): the shipped recipes must measurably learn."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+pytestmark = pytest.mark.slow
+
+
+def _train(recipe: str, run_dir: Path, *overrides: str) -> list[dict]:
+    env = dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1")
+    cmd = [sys.executable, "-m", "posttrain", "train", recipe, "--run-dir", str(run_dir), "tracking.progress=false", *overrides]
+    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    return [json.loads(line) for line in (run_dir / "eval.jsonl").read_text().splitlines()]
+
+
+def test_sft_from_scratch_learns_arithmetic(tmp_path):
+    """Held-out greedy exact match: 0 % for the random model, far above after SFT (measured: 67 % at 1000
+    steps, 78 % at the recipe's 2000)."""
+    evals = _train("recipes/quickstart/sft.yaml", tmp_path / "sft", "stages.sft.args.steps=1000")
+    initial, after = (e["accuracy"] for e in evals)
+    assert [e["model"] for e in evals] == ["initial", "sft"] and evals[0]["n"] == 500
+    assert initial <= 0.02
+    assert after >= 0.5
