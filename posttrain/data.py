@@ -85,31 +85,37 @@ def _ids(tokenizer, text: str) -> list[int]:
     return tokenizer(text, add_special_tokens=False)["input_ids"]
 
 
-def tokenize_example(tokenizer, row: dict, spec) -> dict:
-    """`input_ids` and `mask` (1 on completion tokens) for one row of prompt/completion or messages."""
+def row_segments(tokenizer, row: dict, spec) -> list[tuple[str, bool]]:
+    """The (text, is_completion) pieces of one row of prompt/completion or chat messages."""
     if spec.messages_column in row and row[spec.messages_column] is not None:
         if spec.template == "plain":
             raise UserError(f"column `{spec.messages_column}` holds chat messages: it needs `template: chat`")
-        segments = _segments(tokenizer, list(row[spec.messages_column]))
-    else:
-        for col in (spec.prompt_column, spec.completion_column):
-            if col not in row:
-                raise UserError(f"dataset `{spec.path}` has no column `{col}` (columns: {', '.join(row)})")
-        if spec.template == "chat":
-            messages = prompt_messages(row[spec.prompt_column], spec.system_prompt)
-            messages.append({"role": "assistant", "content": row[spec.completion_column]})
-            segments = _segments(tokenizer, messages)
-        else:
-            prompt = render_prompt(tokenizer, row[spec.prompt_column], "plain", spec.system_prompt)
-            segments = [(prompt, False), (row[spec.completion_column] + tokenizer.eos_token, True)]
+        return _segments(tokenizer, list(row[spec.messages_column]))
+    for col in (spec.prompt_column, spec.completion_column):
+        if col not in row:
+            raise UserError(f"dataset `{spec.path}` has no column `{col}` (columns: {', '.join(row)})")
+    if spec.template == "chat":
+        messages = prompt_messages(row[spec.prompt_column], spec.system_prompt)
+        messages.append({"role": "assistant", "content": row[spec.completion_column]})
+        return _segments(tokenizer, messages)
+    prompt = render_prompt(tokenizer, row[spec.prompt_column], "plain", spec.system_prompt)
+    return [(prompt, False), (row[spec.completion_column] + tokenizer.eos_token, True)]
+
+
+def _assemble(tokenizer, segments: list[tuple[str, bool]], pieces: list[list[int]], spec) -> dict:
     ids, mask = [], []
     if tokenizer.bos_token_id is not None and spec.template == "plain":
         ids, mask = [tokenizer.bos_token_id], [0]
-    for text, is_completion in segments:
-        piece = _ids(tokenizer, text)
+    for (_, is_completion), piece in zip(segments, pieces):
         ids += piece
         mask += [int(is_completion)] * len(piece)
     return {"input_ids": ids, "mask": mask}
+
+
+def tokenize_example(tokenizer, row: dict, spec) -> dict:
+    """`input_ids` and `mask` (1 on completion tokens) for one row of prompt/completion or messages."""
+    segments = row_segments(tokenizer, row, spec)
+    return _assemble(tokenizer, segments, [_ids(tokenizer, text) for text, _ in segments], spec)
 
 
 @dataclasses.dataclass
@@ -120,10 +126,14 @@ class TokenizedSet:
 
 def tokenize_dataset(tokenizer, ds, spec) -> TokenizedSet:
     """Tokenize every row; truncate to `max_length` from the right; drop rows left with no loss token."""
-    examples, dropped = [], 0
-    for row in ds:
-        ex = tokenize_example(tokenizer, row, spec)
-        ex = {k: v[: spec.max_length] for k, v in ex.items()}
+    per_row = [row_segments(tokenizer, row, spec) for row in ds]
+    # One batched call for every segment of every row: the fast tokenizer then works in parallel Rust.
+    flat = tokenizer([text for segs in per_row for text, _ in segs], add_special_tokens=False)["input_ids"]
+    examples, dropped, k = [], 0, 0
+    for segments in per_row:
+        ex = _assemble(tokenizer, segments, flat[k : k + len(segments)], spec)
+        k += len(segments)
+        ex = {key: v[: spec.max_length] for key, v in ex.items()}
         if sum(ex["mask"]) == 0:
             dropped += 1
             continue
