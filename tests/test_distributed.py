@@ -67,3 +67,22 @@ def test_two_processes_match_one_process_with_twice_the_accumulation(setup, laun
     b = AutoModelForCausalLM.from_pretrained(run_dir / "sft" / "final").state_dict()
     for name in a:
         torch.testing.assert_close(b[name], a[name], rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("aggregation", ["token-mean", "seq-mean-token-mean", "seq-mean-token-sum-norm"])
+def test_grpo_step_two_processes_equal_one(tiny_lm_dir, aggregation):
+    script = str(REPO / "tests" / "scripts" / "grpo_step.py")
+
+    def last_json(stdout):
+        return json.loads([l for l in stdout.splitlines() if l.startswith("{")][-1])
+
+    one = subprocess.run([sys.executable, script, str(tiny_lm_dir), aggregation], env=_env(), capture_output=True, text=True)
+    assert one.returncode == 0, one.stderr[-3000:]
+    two = subprocess.run([sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+                          script, str(tiny_lm_dir), aggregation], env=_env(), capture_output=True, text=True)
+    assert two.returncode == 0, two.stderr[-3000:]
+    a, b = last_json(one.stdout), last_json(two.stdout)
+    assert (a["processes"], b["processes"]) == (1, 2)
+    assert b["loss"] == pytest.approx(a["loss"], rel=1e-5, abs=1e-8)
+    assert b["grad_norm"] == pytest.approx(a["grad_norm"], rel=1e-4)
+    assert b["checksum"] == pytest.approx(a["checksum"], rel=1e-6)
