@@ -37,3 +37,17 @@ def write_recipe(directory: Path, recipe: dict, name: str = "t.yaml") -> Path:
     path = directory / name
     path.write_text(yaml.safe_dump(recipe, sort_keys=False))
     return path
+
+
+def grpo_rows(n: int = 8, seed: int = 0) -> list[dict]:
+    """Synthetic RL rows (prompt + completion ids, loss mask, advantage) of varied lengths."""
+    import torch
+
+    g = torch.Generator().manual_seed(seed)
+    rows = []
+    for i in range(n):
+        prompt = torch.randint(1, 64, (3 + i % 3,), generator=g).tolist()
+        comp = torch.randint(1, 64, (2 + (5 * i) % 7,), generator=g).tolist()
+        rows.append({"input_ids": prompt + comp, "mask": [0] * len(prompt) + [1] * len(comp),
+                     "adv": float(torch.randn((), generator=g)), "truncated": False, "rollout_logp": None})
+    return rows

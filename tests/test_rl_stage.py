@@ -6,7 +6,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from helpers import recipe_dict, write_addition_data, write_recipe
+from helpers import grpo_rows, recipe_dict, write_addition_data, write_recipe
 from posttrain import pipeline
 from posttrain.algorithms import grpo
 from posttrain.recipe import load_recipe
@@ -32,24 +32,13 @@ def test_rows_mask_the_completion_and_align_sampler_logprobs():
     assert masked_out["mask"].sum() == 0  # groups kept only to fill the batch carry no loss token
 
 
-def _grpo_batch(n=8, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    rows = []
-    for i in range(n):
-        prompt = torch.randint(1, 64, (3 + i % 3,), generator=g).tolist()
-        comp = torch.randint(1, 64, (2 + (5 * i) % 7,), generator=g).tolist()
-        rows.append({"input_ids": prompt + comp, "mask": [0] * len(prompt) + [1] * len(comp),
-                     "adv": float(torch.randn((), generator=g)), "truncated": False, "rollout_logp": None})
-    return rows
-
-
 @pytest.mark.parametrize("aggregation", ["token-mean", "seq-mean-token-mean", "seq-mean-token-sum-norm"])
 def test_grpo_loss_is_micro_batch_invariant(tiny_lm_dir, aggregation):
     from posttrain.learner import Learner, new_accelerator
     from posttrain.recipe.schema import ModelSpec, TrainArgs
 
     args = grpo.Args(loss_aggregation=aggregation)
-    rows = _grpo_batch()
+    rows = grpo_rows()
     results = {}
     for micro in (8, 2, 1):
         learner = Learner(new_accelerator(), ModelSpec(path=str(tiny_lm_dir)),

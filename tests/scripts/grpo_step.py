@@ -7,8 +7,10 @@ Usage: python grpo_step.py MODEL_DIR AGGREGATION
 
 import json
 import sys
+from pathlib import Path
 
-import torch
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tests/, for helpers
+from helpers import grpo_rows  # noqa: E402
 
 from posttrain.algorithms import grpo
 from posttrain.learner import Learner, new_accelerator
@@ -17,23 +19,12 @@ from posttrain.stages.context import chunks, shard
 from posttrain.stages.rl import collate_rl, grpo_loss
 
 
-def rows(n=8, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    out = []
-    for i in range(n):
-        prompt = torch.randint(1, 64, (3 + i % 3,), generator=g).tolist()
-        comp = torch.randint(1, 64, (2 + (5 * i) % 7,), generator=g).tolist()
-        out.append({"input_ids": prompt + comp, "mask": [0] * len(prompt) + [1] * len(comp),
-                    "adv": float(torch.randn((), generator=g)), "truncated": False, "rollout_logp": None})
-    return out
-
-
 def main(model_dir: str, aggregation: str) -> None:
     acc = new_accelerator()
     args = grpo.Args(loss_aggregation=aggregation, clip_high=0.28)
     train = TrainArgs(lr=1e-2, batch_size=8, micro_batch_size=2, max_grad_norm=None)
     learner = Learner(acc, ModelSpec(path=model_dir), train, 1, model_dir)
-    mine = shard(rows(), acc.process_index, acc.num_processes)
+    mine = shard(grpo_rows(), acc.process_index, acc.num_processes)
     micro = [collate_rl(c, 0) for c in chunks(mine, train.micro_batch_size)]
     metrics = learner.train_step(micro, lambda m, mb: grpo_loss(m, mb, args, 0.8), grpo.reduction(args, 16))
     checksum = sum(float(p.double().sum()) for p in learner.unwrapped().parameters())
