@@ -120,7 +120,7 @@ def test_batch_geometry_message_has_the_numbers(tmp_path):
     check_batch_geometry(r, 1)  # 20 = 4 × 1 × 5
     with pytest.raises(UserError) as info:
         check_batch_geometry(r, 2)
-    assert "batch_size 20 is not a multiple of micro_batch_size 4 × 2 processes = 8" in str(info.value)
+    assert ":8: stages.sft.args: batch_size 20 is not a multiple of micro_batch_size 4 × 2 processes = 8" in str(info.value)
 
 
 def test_cli_exit_code_2_and_no_traceback(tmp_path):
@@ -147,3 +147,26 @@ def test_missing_local_files_are_reported_at_validate(tmp_path):
     with pytest.raises(UserError) as info:
         check_files(r)
     assert "stages.sft.data.path: `" in str(info.value) and "nope.jsonl` not found" in str(info.value)
+
+
+RL = MINIMAL.replace("  sft:", "  grpo:").replace("    args:", "    rewards: [{name: exact}]\n    args:").replace(
+    "      batch_size: 16\n", "      prompts_per_step: 6\n      group_size: 4\n      batch_size: 12\n")
+
+
+def test_rl_geometry_and_rewards_are_checked(tmp_path):
+    from posttrain.recipe import check_rewards
+
+    r = load_recipe(write(tmp_path, RL))
+    check_batch_geometry(r, 1)
+    check_rewards(r)
+    with pytest.raises(UserError) as info:
+        check_batch_geometry(r, 4)
+    assert "prompts_per_step 6 is not a multiple of 4 processes" in str(info.value)
+    assert "batch_size 12 is not a multiple of micro_batch_size 4 × 4 processes = 16" in str(info.value)
+    msg = error_of(write(tmp_path, RL.replace("    rewards: [{name: exact}]\n", "")))
+    assert "stages.grpo.rewards: a `grpo` stage needs at least one reward" in msg
+    msg = error_of(write(tmp_path, MINIMAL.replace("    args:", "    rewards: [{name: exact}]\n    args:")))
+    assert "stages.sft.rewards: a `sft` stage takes no rewards" in msg
+    bad = load_recipe(write(tmp_path, RL.replace("{name: exact}", "{name: exakt}")))
+    with pytest.raises(UserError, match=r"r.yaml:8: stages.grpo.rewards: unknown reward `exakt` \(did you mean `exact`\?\)"):
+        check_rewards(bad)

@@ -38,6 +38,10 @@ class Resolved:
     stages: list[Stage]
     raw: dict  # the merged mapping after base + overrides: saved as recipe.resolved.yaml
     source: str
+    where: dict = dataclasses.field(default_factory=dict)  # key path -> "file:line"
+
+    def locate(self, *keys) -> str:
+        return _locate(self.where, tuple(keys), self.source)
 
 
 # ---------------------------------------------------------------------------------------------- YAML
@@ -243,13 +247,13 @@ def load_recipe(path: str | Path, overrides: list[str] = ()) -> Resolved:
             stages.append(stage)
     if problems:
         raise UserError("\n".join(problems))
-    return Resolved(recipe=recipe, stages=stages, raw=data, source=source)
+    return Resolved(recipe=recipe, stages=stages, raw=data, source=source, where=where)
 
 
 def check_batch_geometry(resolved: Resolved, num_processes: int) -> None:
     """Every stage's global batch must split into whole micro-batches on every process."""
     problems = [
-        f"stages.{stage.name}.args: {problem}"
+        f"{resolved.locate('stages', stage.name, 'args')}: stages.{stage.name}.args: {problem}"
         for stage in resolved.stages
         for problem in geometry_problems(stage.train, num_processes)
     ]
@@ -301,6 +305,6 @@ def check_rewards(resolved: Resolved) -> None:
         try:
             Scorer(stage.spec.rewards).close()
         except UserError as err:
-            problems.append(f"{resolved.source}: stages.{stage.name}.rewards: {err}")
+            problems.append(f"{resolved.locate('stages', stage.name, 'rewards')}: stages.{stage.name}.rewards: {err}")
     if problems:
         raise UserError("\n".join(problems))
