@@ -152,11 +152,15 @@ def series(segment: dict, key: str) -> tuple[list[float], list[float]]:
 
 
 def ema(values: list[float], span: int) -> list[float]:
-    """Exponential moving average with smoothing 2/(span+1), started at the first value."""
-    alpha, out, avg = 2.0 / (span + 1), [], None
+    """Bias-corrected exponential moving average with smoothing α = 2/(span+1).
+
+    Started from 0 and divided by 1 − (1−α)^t (as Adam's moments), so the first points are the mean of what
+    has been seen instead of the first, noisy value dragged along for `span` steps."""
+    alpha, out, avg, weight = 2.0 / (span + 1), [], 0.0, 0.0
     for v in values:
-        avg = v if avg is None or not math.isfinite(avg) else avg + alpha * (v - avg)
-        out.append(avg)
+        avg = (1 - alpha) * avg + alpha * v
+        weight = (1 - alpha) * weight + alpha
+        out.append(avg / weight)
     return out
 
 

@@ -103,3 +103,11 @@ def test_cli_arguments_and_run_plot_print_paths(tmp_path, capsys):
         assert run_plot(ns) == 0
     printed = capsys.readouterr().out.split()
     assert str(tmp_path / "png" / "loss.png") in printed and len(printed) == 7
+
+
+def test_ema_is_bias_corrected():
+    from posttrain.plot import ema
+
+    assert ema([3.0, 3.0, 3.0], span=9) == pytest.approx([3.0, 3.0, 3.0])
+    # α = 0.5: [1, (0.5·0.5·1 + 0.5·3)/(0.75)] = [1, 2.333…] — not dragged toward the first value
+    assert ema([1.0, 3.0], span=3) == pytest.approx([1.0, 7 / 3])
