@@ -49,5 +49,6 @@ def grpo_rows(n: int = 8, seed: int = 0) -> list[dict]:
         prompt = torch.randint(1, 64, (3 + i % 3,), generator=g).tolist()
         comp = torch.randint(1, 64, (2 + (5 * i) % 7,), generator=g).tolist()
         rows.append({"input_ids": prompt + comp, "mask": [0] * len(prompt) + [1] * len(comp),
-                     "adv": float(torch.randn((), generator=g)), "truncated": False, "rollout_logp": None})
+                     "credit": {"adv": float(torch.randn((), generator=g))}, "truncated": False,
+                     "rollout_logp": None})
     return rows

@@ -21,14 +21,14 @@ def test_rows_mask_the_completion_and_align_sampler_logprobs():
     done = Completion(prompt_index=0, token_ids=[8, 2], text="8", logprobs=[-0.5, -0.25], finish_reason="stop")
     cut = Completion(prompt_index=0, token_ids=[9, 9, 9], text="999", logprobs=[-1.0, -2.0, -3.0], finish_reason="length")
     groups = [Group(prompt=0, completions=[done, cut], rewards=[1.0, 0.0], per_reward={})]
-    rows = build_rows(groups, [True], prompts, torch.tensor([0.7, -0.7]))
+    rows = build_rows(groups, [True], prompts, {"adv": torch.tensor([0.7, -0.7])})
     batch = collate_rl(rows, pad_id=0)
     assert batch["input_ids"].tolist() == [[5, 6, 7, 8, 2, 0], [5, 6, 7, 9, 9, 9]]
     # targets are input_ids[:, 1:] = [6, 7, 8, 2, 0] / [6, 7, 9, 9, 9]: the completion (incl. EOS) is masked in
     assert batch["mask"].tolist() == [[0, 0, 1, 1, 0], [0, 0, 1, 1, 1]]
     assert batch["rollout_logp"].tolist() == [[0, 0, -0.5, -0.25, 0], [0, 0, -1.0, -2.0, -3.0]]
     assert batch["adv"].tolist() == pytest.approx([0.7, -0.7]) and batch["truncated"].tolist() == [False, True]
-    masked_out = collate_rl(build_rows(groups, [False], prompts, torch.zeros(2)), pad_id=0)
+    masked_out = collate_rl(build_rows(groups, [False], prompts, {"adv": torch.zeros(2)}), pad_id=0)
     assert masked_out["mask"].sum() == 0  # groups kept only to fill the batch carry no loss token
 
 

@@ -239,3 +239,25 @@ def _msum(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     v = values.detach()
     v = v.float() if v.dtype == torch.bool else v
     return torch.where(mask, v, torch.zeros_like(v)).sum()
+
+
+# ------------------------------------------------------------------------------------------------------
+# The RL stage's contract (stages/rl.py): per-row credit from rewards, and the per-token loss of a batch.
+
+
+def credit(rewards: torch.Tensor, group_size: int, args: Args) -> dict[str, torch.Tensor]:
+    """Per-row tensors the loss needs: the group-relative advantages."""
+    return {"adv": group_advantages(rewards, group_size, args)}
+
+
+def loss(logp: torch.Tensor, batch: dict, args: Args) -> LossOutput:
+    """`policy_loss` on a collated RL batch (`old_logp` defaults to `logp` detached: on-policy, ρ ≡ 1)."""
+    return policy_loss(
+        logp, batch.get("old_logp", logp.detach()), batch["adv"], batch["mask"], args,
+        ref_logp=batch.get("ref_logp"), rollout_logp=batch["rollout_logp"] if args.tis_cap else None,
+        truncated=batch.get("truncated"),
+    )
+
+
+def needs_reference(args: Args) -> bool:
+    return args.kl_coef > 0

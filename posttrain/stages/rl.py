@@ -4,7 +4,9 @@
     zero-variance groups, sample more prompts] → group advantages → old/ref log-probs → μ × (N / batch_size)
     learner steps → weight sync into the engine.
 
-The math lives in `algorithms/grpo.py`; this module only moves data. Every process takes its shard of the
+The math lives in the algorithm module (`algorithms/grpo.py`, ...): its `credit(rewards, G, args)` gives
+per-row tensors (e.g. advantages) and its `loss(logp, batch, args)` the per-token loss; this module only
+moves data. Every process takes its shard of the
 step's prompts (B / processes), samples and scores them on its own, and joins the others only in the learner.
 """
 
@@ -135,8 +137,9 @@ class Sampler:
 # -------------------------------------------------------------------------------------------- batch
 
 
-def build_rows(groups: list[Group], trains: list[bool], prompts: PromptSet, adv: torch.Tensor) -> list[dict]:
-    """One training row per completion: prompt + completion tokens, loss mask on the completion (incl. EOS)."""
+def build_rows(groups: list[Group], trains: list[bool], prompts: PromptSet, credit: dict[str, torch.Tensor]) -> list[dict]:
+    """One training row per completion: prompt + completion tokens, loss mask on the completion (incl. EOS),
+    and the algorithm's per-row credit (e.g. `adv`)."""
     rows, k = [], 0
     for group, train in zip(groups, trains):
         prompt = prompts.ids[group.prompt]
@@ -145,7 +148,7 @@ def build_rows(groups: list[Group], trains: list[bool], prompts: PromptSet, adv:
             rows.append({
                 "input_ids": prompt + completion.token_ids,
                 "mask": [0] * len(prompt) + [int(train)] * n,
-                "adv": float(adv[k]),
+                "credit": {name: float(values[k]) for name, values in credit.items()},
                 "truncated": completion.finish_reason == "length",
                 "rollout_logp": completion.logprobs,
             })
@@ -154,9 +157,10 @@ def build_rows(groups: list[Group], trains: list[bool], prompts: PromptSet, adv:
 
 
 def collate_rl(rows: list[dict], pad_id: int) -> dict:
-    """`collate` plus per-row advantages, truncation flags and target-aligned sampler log-probs."""
+    """`collate` plus per-row credit (e.g. `adv`), truncation flags and target-aligned sampler log-probs."""
     batch = collate([{"input_ids": r["input_ids"], "mask": r["mask"]} for r in rows], pad_id)
-    batch["adv"] = torch.tensor([r["adv"] for r in rows], dtype=torch.float32)
+    for name in rows[0]["credit"]:
+        batch[name] = torch.tensor([r["credit"][name] for r in rows], dtype=torch.float32)
     batch["truncated"] = torch.tensor([r["truncated"] for r in rows])
     rollout = torch.zeros_like(batch["mask"], dtype=torch.float32)
     for i, r in enumerate(rows):
@@ -177,20 +181,21 @@ def sequence_logprobs(model, mb: dict, temperature: float) -> torch.Tensor:
     return token_logprobs(out.logits[:, :-1], mb["input_ids"][:, 1:], temperature)
 
 
-def grpo_loss(model, mb: dict, args: grpo.Args, temperature: float):
+def rl_loss(model, mb: dict, algo, args, temperature: float):
+    """The algorithm's per-token loss on a batch, plus the policy's entropy as a metric."""
     out = model(input_ids=mb["input_ids"], attention_mask=mb["attention_mask"], use_cache=False)
     logits = out.logits[:, :-1]
     logp = token_logprobs(logits, mb["input_ids"][:, 1:], temperature)
-    result = grpo.policy_loss(
-        logp, mb.get("old_logp", logp.detach()), mb["adv"], mb["mask"], args,
-        ref_logp=mb.get("ref_logp"), rollout_logp=mb["rollout_logp"] if args.tis_cap else None,
-        truncated=mb["truncated"],
-    )
+    result = algo.loss(logp, mb, args)
     with torch.no_grad():
         z = logits.float() / temperature
         entropy = torch.logsumexp(z, -1) - (torch.softmax(z, -1) * z).sum(-1)
         result.metrics["entropy"] = (entropy * result.mask).sum()
     return result
+
+
+def grpo_loss(model, mb: dict, args: grpo.Args, temperature: float):
+    return rl_loss(model, mb, grpo, args, temperature)
 
 
 # --------------------------------------------------------------------------------------------- stage
@@ -253,43 +258,52 @@ def _rollout_metrics(acc, groups, trains, results, stats) -> dict[str, float]:
     return metrics
 
 
+def algorithm_of(args):
+    """The algorithm module that defines this `Args` class: it provides `credit`, `loss`, `reduction` and
+    `needs_reference` (see algorithms/grpo.py)."""
+    import sys
+
+    return sys.modules[type(args).__module__]
+
+
 def run(ctx: StageContext) -> Path:
     from posttrain.models import load_causal_lm
     from posttrain.reward import Scorer
     from posttrain.rollout.base import make_engine
 
     t, args, acc = ctx.stage.train, ctx.stage.algo, ctx.accelerator
+    algo = algorithm_of(args)
     if not t.steps:
         raise UserError(f"stages.{ctx.stage.name}.args.steps: RL stages need a number of steps")
     batch_size = t.batch_size or t.prompts_per_step * t.group_size  # geometry checked by the pipeline
     prompts = load_prompts(ctx)
     n_rows = t.prompts_per_step * t.group_size
-    updates_per_step = args.ppo_epochs * n_rows // batch_size
+    epochs = getattr(args, "ppo_epochs", 1)
+    updates_per_step = epochs * n_rows // batch_size
     learner_args = t.model_copy(update={"batch_size": batch_size})
     learner = Learner(acc, ctx.recipe.model, learner_args, t.steps * updates_per_step, ctx.init_path)
     ref_model = None
-    if args.kl_coef > 0:
+    if algo.needs_reference(args):
         ref_model = load_causal_lm(ctx.init_path, ctx.recipe.model).to(learner.device).eval().requires_grad_(False)
     engine = make_engine(ctx.stage.spec.engine, model=learner.unwrapped(), tokenizer=ctx.tokenizer)
     scorer = Scorer(ctx.stage.spec.rewards)
     sampler = Sampler(ctx, engine, scorer, prompts)
     pad_id, temperature = ctx.tokenizer.pad_token_id, _temperature(t)
-    reduction = grpo.reduction(args, t.max_tokens)
-    loss_fn = partial(grpo_loss, args=args, temperature=temperature)
-    need_old = args.ppo_epochs > 1 or updates_per_step > 1 or args.tis_cap is not None
+    reduction = algo.reduction(args, t.max_tokens)
+    loss_fn = partial(rl_loss, algo=algo, args=args, temperature=temperature)
+    need_old = updates_per_step > 1 or getattr(args, "tis_cap", None) is not None
     per_rank = batch_size // acc.num_processes
 
     def step_fn(step: int) -> dict:
         groups, trains = sampler.sample(step)
         rewards = torch.tensor([r for g in groups for r in g.rewards], dtype=torch.float32)
-        adv = grpo.group_advantages(rewards, t.group_size, args)
-        rows = build_rows(groups, trains, prompts, adv)
+        rows = build_rows(groups, trains, prompts, algo.credit(rewards, t.group_size, args))
         start = time.perf_counter()
         _attach_logprobs(learner, ref_model, rows, pad_id, t.micro_batch_size, temperature, need_old)
         time_logprobs = time.perf_counter() - start
         learn: dict[str, float] = {}
         start = time.perf_counter()
-        for epoch in range(args.ppo_epochs):
+        for epoch in range(epochs):
             g = torch.Generator().manual_seed(ctx.seed + 31 * step + epoch)
             order = torch.randperm(len(rows), generator=g).tolist() if updates_per_step > 1 else list(range(len(rows)))
             for mini in chunks(order, per_rank):
