@@ -119,3 +119,33 @@ def test_grpo_with_lora_and_several_updates_per_step(tmp_path, data_dir):
     records = [json.loads(l) for l in (run_dir / "metrics.jsonl").read_text().splitlines() if '"grpo"' in l]
     assert [r["step"] for r in records] == [1, 2]
     assert "tis_weight" in records[-1] and 0 < records[-1]["ratio"] < 10
+
+
+def _nft_recipe(data_dir, rewards):
+    r = recipe_dict(data_dir, steps=4)
+    r["stages"]["nft"] = {
+        "data": {"path": f"{data_dir}/train.jsonl", "template": "plain", "max_length": 16},
+        "rewards": rewards,
+        "args": {"steps": 2, "prompts_per_step": 4, "group_size": 4, "batch_size": 8, "micro_batch_size": 4,
+                 "max_tokens": 6, "dynamic_sampling": True, "max_sampling_rounds": 2, "lr": 1e-3},
+    }
+    return r
+
+
+def test_nft_stage_runs_on_the_shared_rl_loop(tmp_path, data_dir):
+    run_dir = tmp_path / "run"
+    pipeline.run(load_recipe(write_recipe(tmp_path, _nft_recipe(data_dir, [{"name": "exact"}]))), run_dir=run_dir)
+    last = json.loads((run_dir / "metrics.jsonl").read_text().splitlines()[-1])
+    assert last["stage"] == "nft" and last["step"] == 2
+    for key in ("pos_tokens", "neg_tokens", "clamp_hits", "rate", "dynamic/kept_ratio", "accuracy"):
+        assert key in last, key
+
+
+def test_nft_refuses_a_reward_that_is_not_binary(tmp_path, data_dir):
+    from posttrain.errors import UserError
+
+    rewards = [{"name": "length", "kwargs": {"max_tokens": 6, "cache": 5}}]  # fractional penalties
+    recipe = _nft_recipe(data_dir, rewards)
+    recipe["stages"]["nft"]["args"]["dynamic_sampling"] = False
+    with pytest.raises(UserError, match="stages.nft: .*0 or 1"):
+        pipeline.run(load_recipe(write_recipe(tmp_path, recipe)), run_dir=tmp_path / "run")

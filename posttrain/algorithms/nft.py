@@ -19,6 +19,8 @@ likelihood of π_θ on the correct answers and of π⁻_θ on the incorrect ones
 
 The scalar loss is `ops.aggregate(L, mask, reduction(args), totals)` = Σ_rows Σ_t L·m / 1000 ("token-sum-norm").
 No KL, no PPO clip. Dropping all-correct / all-wrong groups (dynamic sampling) is the stage's job.
+For the RL stage: `credit(rewards, G, args)` gives the per-row `reward` and `rate`, `loss(logp, batch, args)`
+the per-token loss of a collated batch.
 
 The weighting convention, derived (∂/∂logp with R = e^{logp − old_logp}, so ∂R/∂logp = R):
     positive:  ∂/∂logp [−log R] = −1
@@ -29,7 +31,7 @@ terms: positive tokens get −ω, negative tokens ω·r̂/(1 − r̂). With ω =
 Rewards [1,0,0,0]: r̂ = 0.25, ω = 0.75 → −0.75 on positive tokens, +0.75·0.25/0.75 = +0.25 on negative ones
 (Dr.GRPO advantages +0.75 / −0.25). With ω = √((1 − r̂)/r̂) they are −√((1 − r̂)/r̂) and +√(r̂/(1 − r̂)) =
 −(r − r̂)/√(r̂(1 − r̂)): GRPO with the *population* std (a 0/1 group's is √(r̂(1 − r̂))) and adv_eps = 0.
-Both equivalences need r̂ inside [rate_min, rate_max] (mixed groups, G < 50): a constant group has GRPO
+Both equivalences need r̂ inside [rate_min, rate_max] (mixed groups, G ≤ 50): a constant group has GRPO
 advantage 0 but keeps an NFT gradient from the clamped r̂ (all correct: r̂ = 0.98, −0.02 per positive token;
 all wrong: r̂ = 0.02, +0.02 per negative token with normalize=1), which is why the official runs drop them.
 
@@ -50,10 +52,14 @@ Where this departs from the paper / official code (NVlabs/NFT), and why:
 - Token-level ratios only (the official `ratio_type="token"`, used in its runs); the sequence-level variant is
   not implemented. The official positive clamp (`clamp_positive = 0` in its runs, a no-op since R > 0) and
   entropy bonus (0 in its runs) are omitted.
-- The 1000 normaliser is applied once to the whole optimizer batch, so it does not depend on how the batch is
-  split into micro-batches or ranks (the official run, with dynamic batch sizes, also sums micro-batch losses
-  without rescaling). `correct_rate` runs on whole groups *before* the batch is split, and `policy_loss` takes
-  r̂ per row, so a micro-batch holding part of a group still sees the group's r̂.
+- The 1000 normaliser is applied once to the whole optimizer batch (all micro-batches and ranks), so the
+  gradient does not depend on how the batch is split. The official run sums its micro-batch losses without
+  rescaling (dynamic batch sizes) but FSDP then *averages* gradients over data-parallel ranks, so its
+  effective normaliser is 1000 × ranks (8 GPUs in `train_7B.sh`: 8000). Adam hardly sees a constant factor,
+  but gradient clipping (1.0) does: set `loss_norm` to 1000 × the official rank count to match it exactly.
+- `correct_rate` runs on whole groups *before* the batch is split, and `policy_loss` takes r̂ per row, so a
+  micro-batch holding part of a group still sees the group's r̂. The stage's dynamic sampling (on in the
+  official runs) drops whole groups, so it never changes a kept group's r̂.
 - `old_logp` is a constant of the objective: `policy_loss` detaches it (and `rewards`, `rate`).
 All arithmetic is fp32 (fp64 inputs stay fp64), whatever the dtype of the log-probs.
 """
@@ -75,7 +81,8 @@ class Args:
     normalize: Literal[1, 2] = dataclasses.field(
         default=1,
         metadata={
-            "doc": "prompt weight ω: 1 → 1 − r̂ (official; Dr.GRPO on-policy), 2 → √((1 − r̂)/r̂) (GRPO, population std)"
+            "doc": "prompt weight ω: 1 → 1 − r̂ (official; = Dr.GRPO on-policy), "
+            "2 → √((1 − r̂)/r̂) (= GRPO with population std on-policy)"
         },
     )
     neg_weight: float = dataclasses.field(
@@ -198,9 +205,33 @@ def policy_loss(
     return LossOutput(loss=loss, mask=m, metrics=metrics)
 
 
-def reduction(args: Args) -> Reduction:
-    """Σ_rows Σ_t L·m / loss_norm over the whole optimizer batch."""
+def reduction(args: Args, max_tokens: int | None = None) -> Reduction:
+    """Σ_rows Σ_t L·m / loss_norm over the whole optimizer batch (`max_tokens`, which the RL stage passes to
+    every algorithm, is not used: NFT's normaliser is a constant)."""
     return Reduction(mode="token-sum-norm", norm=float(args.loss_norm))
+
+
+# ------------------------------------------------------------------------------------------------------
+# The RL stage's contract (stages/rl.py): per-row credit from rewards, and the per-token loss of a batch.
+
+
+def credit(rewards: torch.Tensor, group_size: int, args: Args) -> dict[str, torch.Tensor]:
+    """Per-row tensors the loss needs: the 0/1 `reward` and its group's clamped correct rate `rate` (r̂),
+    computed here on whole groups, before the batch is split into micro-batches."""
+    r = torch.as_tensor(rewards)
+    r = r.to(torch.promote_types(r.dtype, torch.float32))
+    check_binary(r)
+    return {"reward": r, "rate": correct_rate(r, group_size, args)}
+
+
+def loss(logp: torch.Tensor, batch: dict, args: Args) -> LossOutput:
+    """`policy_loss` on a collated RL batch (`old_logp` defaults to `logp` detached: on-policy, R ≡ 1)."""
+    return policy_loss(logp, batch.get("old_logp", logp.detach()), batch["reward"], batch["rate"], batch["mask"], args)
+
+
+def needs_reference(args: Args) -> bool:
+    """NFT has no KL term: no reference model is loaded."""
+    return False
 
 
 def _rows(values, like: torch.Tensor) -> torch.Tensor:

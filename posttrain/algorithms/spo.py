@@ -28,10 +28,10 @@ Where this departs from the paper, and why:
   the trajectories it is compared with; we use probabilities in [0, 1] and exclude the self-comparison. Both
   are positive affine maps of our win rate (±1 form: 2·win − 1; including self: ((G−1)·win + ½)/G), so
   std-normalised GRPO advantages are unchanged and Dr.GRPO's differ only by a constant factor.
-- The paper has no LLM experiments (it uses continuous control and a PPO/SAC-style learner); the group
+- The paper has no LLM experiments (continuous-control tasks with standard deep-RL learners); the group
   form here (G completions per prompt, compared within the group, GRPO surrogate) is the natural LLM one.
-- Symmetrisation against position bias is ours (LLM judges have one; the paper's synthetic preferences do
-  not). With `symmetrize=False` the judge's J is used as given: fill it with both orders or let
+- Symmetrisation against position bias is ours (LLM judges have one; the paper's synthetic preferences
+  do not). With `symmetrize=False` the judge's J is used as given: fill it with both orders or let
   `matrix_from_judgments` complete one order as J_ji = 1 − J_ij.
 """
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 import dataclasses
 import importlib
 
-from posttrain.algorithms import grpo, sft
+from posttrain.algorithms import grpo, nft, sft
 
 
 @dataclasses.dataclass(frozen=True)
@@ -27,4 +27,5 @@ STAGE_KINDS: dict[str, StageKind] = {
     "sft": StageKind(args=sft.Args, runner="posttrain.stages.sft:run"),
     # GRPO, Dr.GRPO and DAPO are one kind: the variants are settings (see recipes/grpo/)
     "grpo": StageKind(args=grpo.Args, runner="posttrain.stages.rl:run", rl=True),
+    "nft": StageKind(args=nft.Args, runner="posttrain.stages.rl:run", rl=True),
 }

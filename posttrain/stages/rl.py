@@ -297,7 +297,11 @@ def run(ctx: StageContext) -> Path:
     def step_fn(step: int) -> dict:
         groups, trains = sampler.sample(step)
         rewards = torch.tensor([r for g in groups for r in g.rewards], dtype=torch.float32)
-        rows = build_rows(groups, trains, prompts, algo.credit(rewards, t.group_size, args))
+        try:
+            credit = algo.credit(rewards, t.group_size, args)
+        except ValueError as err:  # e.g. NFT given a reward that is not 0/1
+            raise UserError(f"stages.{ctx.stage.name}: {err}") from None
+        rows = build_rows(groups, trains, prompts, credit)
         start = time.perf_counter()
         _attach_logprobs(learner, ref_model, rows, pad_id, t.micro_batch_size, temperature, need_old)
         time_logprobs = time.perf_counter() - start
