@@ -114,7 +114,7 @@ class Sampler:
         self.results = []
         seed = self.ctx.seed * 1_000_003 + step * 101 + self.ctx.accelerator.process_index
         groups = self._groups(self._local(self.order.batch(step)), seed)
-        first = groups
+        first = self.first = groups  # the step's own prompts: what rollout metrics describe (unfiltered)
         if not self.train.dynamic_sampling:
             return groups, [True] * len(groups)
         want = len(groups)
@@ -231,7 +231,9 @@ def _reduce_means(acc, values: dict[str, tuple[float, float]]) -> dict[str, floa
     return {n: float(t[i, 0] / max(float(t[i, 1]), 1e-12)) for i, n in enumerate(names)}
 
 
-def _rollout_metrics(acc, groups, trains, results, stats) -> dict[str, float]:
+def _rollout_metrics(acc, groups, results, stats) -> dict[str, float]:
+    """Reward, accuracy, length and timing metrics of the step's first-round groups (before dynamic sampling
+    filters them, so accuracy is not inflated by the filter), averaged over processes."""
     lengths = [len(c.token_ids) for g in groups for c in g.completions]
     truncated = [c.finish_reason == "length" for g in groups for c in g.completions]
     values = {
@@ -317,7 +319,7 @@ def run(ctx: StageContext) -> Path:
         start = time.perf_counter()
         engine.load_weights(learner.unwrapped().named_parameters())  # a no-op when colocated (shared module)
         time_sync = time.perf_counter() - start
-        metrics = {**learn, **_rollout_metrics(acc, groups, trains, sampler.results, sampler.stats)}
+        metrics = {**learn, **_rollout_metrics(acc, sampler.first, sampler.results, sampler.stats)}
         gen_tokens = sum(len(c.token_ids) for g in groups for c in g.completions)
         metrics.update({"time/logprobs": time_logprobs, "time/update": time_update, "time/sync": time_sync,
                         "tokens/s": gen_tokens * acc.num_processes / max(metrics["time/generate"] + time_update, 1e-9)})
