@@ -212,9 +212,16 @@ def _validate_stage(name: str, spec, recipe_where: Where, source: str) -> tuple[
         what = f"stage kind `{kind}` is unknown" + did_you_mean(kind, STAGE_KINDS)
         hint = "" if spec.kind else " (set `kind:` when the stage name is not its kind)"
         return None, [f"{_locate(recipe_where, loc, source)}: stages.{name}: {what}{hint}"]
-    algo_args, rl = STAGE_KINDS[kind].args, STAGE_KINDS[kind].rl
+    algo_args, rl, judged = STAGE_KINDS[kind].args, STAGE_KINDS[kind].rl, STAGE_KINDS[kind].judge
     at = _locate(recipe_where, ("stages", name), source)
-    if rl and not spec.rewards:
+    if judged and spec.judge is None:
+        return None, [f"{at}: stages.{name}.judge: a `{kind}` stage needs a pairwise judge, e.g. "
+                      f"`judge: {{kind: llm}}` or `judge: {{kind: rule, reward: {{name: exact}}}}`"]
+    if not judged and spec.judge is not None:
+        takes = ", ".join(f"`{k}`" for k, v in STAGE_KINDS.items() if v.judge)
+        return None, [f"{_locate(recipe_where, ('stages', name, 'judge'), source)}: stages.{name}.judge: "
+                      f"a `{kind}` stage takes no judge (only {takes} stages do)"]
+    if rl and not judged and not spec.rewards:  # a judged stage's rewards are optional: logged, not trained on
         return None, [f"{at}: stages.{name}.rewards: a `{kind}` stage needs at least one reward, e.g. "
                       f"`rewards: [{{name: math}}]`"]
     if not rl and spec.rewards:
@@ -294,8 +301,8 @@ def check_files(resolved: Resolved) -> None:
 
 
 def check_rewards(resolved: Resolved) -> None:
-    """Every reward resolves (built-in, registered, entry point or module:function) and takes the settings
-    given in its `kwargs`. Starts no worker process."""
+    """Every reward (and every rule judge's verifier) resolves (built-in, registered, entry point or
+    module:function) and takes the settings given in its `kwargs`. Starts no worker process."""
     from posttrain.reward import Scorer
 
     problems = []
@@ -306,5 +313,14 @@ def check_rewards(resolved: Resolved) -> None:
             Scorer(stage.spec.rewards).close()
         except UserError as err:
             problems.append(f"{resolved.locate('stages', stage.name, 'rewards')}: stages.{stage.name}.rewards: {err}")
+    for stage in resolved.stages:  # a rule judge's verifier
+        judge = getattr(stage.spec, "judge", None)
+        if judge is None or judge.reward is None:
+            continue
+        try:
+            Scorer([judge.reward]).close()
+        except UserError as err:
+            problems.append(f"{resolved.locate('stages', stage.name, 'judge', 'reward')}: "
+                            f"stages.{stage.name}.judge.reward: {err}")
     if problems:
         raise UserError("\n".join(problems))

@@ -14,6 +14,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, create_model, model_validator
 
+from posttrain.judges import JudgeSpec
 from posttrain.reward import RewardSpec
 
 
@@ -179,7 +180,8 @@ class StageSpec(Strict):
     kind: str | None = None  # the stage kind; default: the stage's name
     data: DataSpec
     args: dict[str, Any] = {}
-    rewards: list[RewardSpec] = []  # RL stages: verifiers by name or module:function, with weights
+    rewards: list[RewardSpec] = []  # RL stages: verifiers by name or module:function, with weights (spo: logged only)
+    judge: JudgeSpec | None = None  # spo stages: the pairwise judge whose win rates are the rewards (judges.py)
     engine: Literal["hf", "vllm"] = "hf"  # RL stages: the rollout engine
 
 

@@ -17,6 +17,7 @@ class StageKind:
     args: type  # the algorithm's Args dataclass
     runner: str  # "module:function"
     rl: bool = False  # args also take the shared rollout settings (RLArgs)
+    judge: bool = False  # rewards are win rates from the stage's pairwise `judge` (posttrain/judges.py)
 
     def run(self, ctx):
         module, func = self.runner.split(":")
@@ -28,4 +29,6 @@ STAGE_KINDS: dict[str, StageKind] = {
     # GRPO, Dr.GRPO and DAPO are one kind: the variants are settings (see recipes/grpo/)
     "grpo": StageKind(args=grpo.Args, runner="posttrain.stages.rl:run", rl=True),
     "nft": StageKind(args=nft.Args, runner="posttrain.stages.rl:run", rl=True),
+    # SPO (self-play preference optimisation): a judge's win rates are the rewards, the loss is GRPO's
+    "spo": StageKind(args=grpo.Args, runner="posttrain.stages.rl:run", rl=True, judge=True),
 }

@@ -4,6 +4,8 @@
     zero-variance groups, sample more prompts] → group advantages → old/ref log-probs → μ × (N / batch_size)
     learner steps → weight sync into the engine.
 
+A stage with a `judge` (SPO) replaces the scorer's rewards by the judge's win rates in `Sampler._groups`.
+
 The math lives in the algorithm module (`algorithms/grpo.py`, ...): its `credit(rewards, G, args)` gives
 per-row tensors (e.g. advantages) and its `loss(logp, batch, args)` the per-token loss; this module only
 moves data. Every process takes its shard of the
@@ -20,6 +22,7 @@ from pathlib import Path
 
 import torch
 
+from posttrain import judges
 from posttrain.algorithms import grpo
 from posttrain.algorithms.ops import token_logprobs
 from posttrain.data import collate, load_rows, render_prompt
@@ -84,6 +87,7 @@ class Sampler:
             max_tokens=t.max_tokens, stop=tuple(t.stop), seed=seed,
         )
         self.stats: dict[str, float] = {}
+        self.judge = judges.for_stage(ctx, engine)  # SPO stages only; None otherwise
 
     def _local(self, indices: list[int]) -> list[int]:
         acc = self.ctx.accelerator
@@ -102,11 +106,16 @@ class Sampler:
         self.stats["time/score"] += time.perf_counter() - start
         self.results.append(result)
         g = self.train.group_size
-        return [
+        groups = [
             Group(p, cs, result.total[k * g : (k + 1) * g],
                   {n: v[k * g : (k + 1) * g] for n, v in result.per_reward.items()})
             for k, (p, cs) in enumerate(zip(prompt_indices, outs))
         ]
+        if self.judge is not None:  # SPO: each completion's reward becomes its win rate within its group
+            columns = {k: [v[i] for i in prompt_indices] for k, v in self.prompts.columns.items()}
+            texts = [self.prompts.texts[i] for i in prompt_indices]
+            judges.reward_groups(self.judge, groups, texts, columns, self.stats, seed)
+        return groups
 
     def sample(self, step: int) -> tuple[list[Group], list[bool]]:
         """This process's groups for `step` and which of them train (False: masked out)."""
@@ -245,8 +254,11 @@ def _rollout_metrics(acc, groups, results, stats) -> dict[str, float]:
     for name in groups[0].per_reward:
         scored = [r for g in groups for r in g.per_reward[name] if r is not None]
         values[f"reward/{name}/mean"] = (sum(scored), len(scored))
-    first = next(iter(groups[0].per_reward))  # accuracy: the first verifier, usually correctness
-    values["accuracy"] = values[f"reward/{first}/mean"]
+    # accuracy: the first verifier (usually correctness); an SPO stage without verifiers has only win rates,
+    # whose mean is always ½, so it reports none
+    first = next((n for n in groups[0].per_reward if n != "win_rate"), None)
+    if first is not None:
+        values["accuracy"] = values[f"reward/{first}/mean"]
     for key in ("failures", "timeouts"):
         for name in groups[0].per_reward:
             values[f"verifier/{name}/{key}"] = (sum(getattr(r, key).get(name, 0) for r in results), 1.0 / acc.num_processes)
@@ -329,3 +341,5 @@ def run(ctx: StageContext) -> Path:
         return run_loop(ctx, learner, t.steps, step_fn, updates_per_step=updates_per_step)
     finally:
         scorer.close()
+        if sampler.judge is not None:
+            sampler.judge.close()
