@@ -1,4 +1,4 @@
-"""`posttrain` command line: validate | train | score | new-model | plot.
+"""`posttrain` command line: validate | train | eval | score | new-model | plot.
 
 Launch training on many processes with `accelerate launch -m posttrain train RECIPE k=v ...`.
 Bad input exits with code 2 and one readable message (no traceback).
@@ -48,6 +48,12 @@ def _plot(ns) -> int:
     return run_plot(ns)
 
 
+def _eval(ns) -> int:
+    from posttrain.evaluation.cli import run_eval
+
+    return run_eval(ns)
+
+
 def _score(ns) -> int:
     from posttrain.score import run_score
 
@@ -70,6 +76,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--resume", metavar="RUN_DIR", default=None, help="continue the run in RUN_DIR")
     p.add_argument("--run-dir", metavar="DIR", default=None, help="where to write (default runs/<recipe name>)")
     p.set_defaults(func=_train)
+
+    from posttrain.evaluation.cli import add_eval_arguments
+
+    p = sub.add_parser("eval", help="evaluate a model on benchmarks (pass@k, maj@k, avg@k; grounding metrics)")
+    add_eval_arguments(p)
+    p.set_defaults(func=_eval)
 
     from posttrain.modeling import add_new_model_arguments
 

@@ -3,7 +3,8 @@
 Run directory:
     recipe.resolved.yaml   the recipe after `base:` and overrides (what actually ran)
     metrics.jsonl          one JSON object per logged step
-    eval.jsonl             accuracy before the first stage and after each stage (when the recipe has `eval:`)
+    eval.jsonl             benchmark results before the first stage and after each stage (recipe `eval:`)
+    eval/<model>.jsonl     every prompt, completion and score of those evaluations
     init-model/            the model built from `model.new` (when the recipe builds one)
     <stage>/checkpoint-N/  intermediate checkpoints (HF files + learner/ state), keep-last-N
     <stage>/final/         the stage's HF checkpoint (LoRA merged): the next stage's starting point
@@ -11,13 +12,13 @@ Run directory:
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import yaml
 
 from posttrain import checkpoint
 from posttrain.errors import UserError
+from posttrain.evaluation.training import TrainingEval
 from posttrain.recipe import Resolved, check_batch_geometry
 from posttrain.stages import STAGE_KINDS
 from posttrain.stages.context import StageContext
@@ -93,31 +94,6 @@ def _initial_model(resolved: Resolved, run_dir: Path, acc) -> Path:
     return target
 
 
-def _evaluate(resolved: Resolved, model_dir, label: str, run_dir: Path, acc) -> dict | None:
-    """Greedy exact-match on the recipe's eval set (main process), appended to eval.jsonl."""
-    spec = resolved.recipe.eval
-    if spec is None:
-        return None
-    result = None
-    if acc.is_main_process:
-        from posttrain.evaluate import exact_match
-
-        (run_dir / "eval").mkdir(exist_ok=True)
-        result = {"model": label, **exact_match(model_dir, spec, run_dir / "eval" / f"{label}.jsonl")}
-        with open(run_dir / "eval.jsonl", "a") as f:
-            f.write(json.dumps(result) + "\n")
-        print(f"[posttrain] eval {label}: accuracy {result['accuracy']:.3f} on {result['n']} held-out rows")
-    acc.wait_for_everyone()
-    return result
-
-
-def _evaluated(run_dir: Path) -> dict[str, dict]:
-    path = run_dir / "eval.jsonl"
-    if not path.is_file():
-        return {}
-    return {r["model"]: r for r in map(json.loads, path.read_text().splitlines()) if r}
-
-
 def _rewind_metrics(log: MetricsLog, resolved: Resolved, run_dir: Path) -> None:
     """Keep metrics of finished stages and of steps up to each running stage's latest checkpoint."""
     limits = {}
@@ -133,7 +109,6 @@ def _rewind_metrics(log: MetricsLog, resolved: Resolved, run_dir: Path) -> None:
 
 def run(resolved: Resolved, run_dir: Path | None = None, resume: bool = False) -> list[dict]:
     """Run every stage; return the eval table (one row per evaluated model)."""
-    from accelerate.utils import set_seed
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()  # per-file "Loading weights" bars drown the training bar
@@ -146,30 +121,53 @@ def run(resolved: Resolved, run_dir: Path | None = None, resume: bool = False) -
     if resume:
         _rewind_metrics(log, resolved, run_dir)
     model_path = _initial_model(resolved, run_dir, acc)
-    done_evals = _evaluated(run_dir) if resume else {}
-    table = [done_evals.get("initial") or _evaluate(resolved, model_path, "initial", run_dir, acc)]
+    evaluation = TrainingEval(resolved, run_dir, acc, log) if resolved.recipe.eval else None
+    try:
+        final, rows = _run_stages(resolved, run_dir, acc, log, resume, model_path, evaluation)
+    finally:
+        if evaluation is not None:
+            evaluation.close()
+    acc.end_training()
+    if acc.is_main_process:
+        _print_summary(run_dir, final, rows)
+    return rows
+
+
+def _run_stages(resolved, run_dir, acc, log, resume, model_path, evaluation) -> tuple[Path, list[dict]]:
+    """Run (or skip, when resuming, the finished) stages in order; return the last final checkpoint and the
+    eval rows (one per evaluated model; main process only)."""
+    from accelerate.utils import set_seed
+
     from posttrain.models import load_tokenizer
 
+    done = evaluation.done() if evaluation is not None and resume else {}
+    first = resolved.stages[0].name
+    table = []
+    if evaluation is not None and evaluation.spec.initial:
+        table.append(done.get("initial") or evaluation.checkpoint(model_path, "initial", first, 0))
     for index, stage in enumerate(resolved.stages):
         stage_dir = run_dir / stage.name
         final = checkpoint.final_checkpoint(stage_dir) if resume else None
         if final is None:
             set_seed(resolved.recipe.seed + 1000 * index)
             tokenizer = load_tokenizer(model_path, resolved.recipe.model.trust_remote_code)
-            ctx = StageContext(acc, resolved.recipe, stage, index, model_path, tokenizer, run_dir, log, resume)
+            ctx = StageContext(acc, resolved.recipe, stage, index, model_path, tokenizer, run_dir, log, resume,
+                               evaluation)
             final = STAGE_KINDS[stage.kind].run(ctx)
         model_path = final
-        table.append(done_evals.get(stage.name) or _evaluate(resolved, final, stage.name, run_dir, acc))
-    acc.end_training()
-    rows = [row for row in table if row]
-    if acc.is_main_process:
-        _print_summary(run_dir, model_path, rows)
-    return rows
+        if evaluation is not None:
+            step = (checkpoint.read_state(final) or {}).get("step", 0)
+            table.append(done.get(stage.name) or evaluation.checkpoint(final, stage.name, stage.name, step))
+    return model_path, [row for row in table if row]
 
 
 def _print_summary(run_dir: Path, final: Path, rows: list[dict]) -> None:
+    """One line per evaluated model, one column per benchmark metric (pass@1 first)."""
     if rows:
-        print("\n  model        accuracy   n")
+        columns = list(dict.fromkeys((b, m) for row in rows for b, ms in row["metrics"].items() for m in ms))
+        head = "".join(f"{f'{b} {m}':>22}" for b, m in columns)
+        print(f"\n  {'model':<14}{head}")
         for row in rows:
-            print(f"  {row['model']:<12} {row['accuracy']:>8.3f}   {row['n']}")
+            cells = "".join(f"{row['metrics'].get(b, {}).get(m, float('nan')):>22.3f}" for b, m in columns)
+            print(f"  {row['model']:<14}{cells}")
     print(f"\n[posttrain] done. final checkpoint: {final}\n[posttrain] metrics: {run_dir / 'metrics.jsonl'}")

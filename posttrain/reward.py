@@ -68,6 +68,7 @@ BUILTIN: dict[str, str] = {
     "exact": "posttrain.rewards.exact:exact_reward",     # normalised string equality with `answer`
     "format": "posttrain.rewards.format:format_reward",  # <think>…</think><answer>…</answer> or a regex
     "length": "posttrain.rewards.length:length_reward",  # DAPO overlong shaping from len(completion_ids)
+    "temporal_iou": "posttrain.rewards.temporal:temporal_iou_reward",  # IoU of the named span with `span`
 }
 ENTRY_POINT_GROUP = "posttrain.rewards"
 _REGISTERED: dict[str, Callable] = {}

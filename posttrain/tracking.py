@@ -41,6 +41,11 @@ class MetricsLog:
 
     def log(self, stage: str, step: int, metrics: dict) -> None:
         self.global_step += 1
+        self.log_extra(stage, step, metrics)
+
+    def log_extra(self, stage: str, step: int, metrics: dict) -> None:
+        """Write a record at `step` of `stage` and send it to the trackers at the current global step, without
+        advancing it (`log` advances it first: one call per training step; evaluations call this)."""
         if not self.accelerator.is_main_process:
             return
         record = {"stage": stage, "step": step, "time": round(time.time(), 3)}

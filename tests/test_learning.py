@@ -33,11 +33,24 @@ def test_sft_from_scratch_learns_arithmetic(tmp_path):
 def test_grpo_raises_accuracy_above_its_sft_start(tmp_path):
     """README command 1: SFT from scratch, then GRPO with an exact-match reward. GRPO must end clearly above
     the SFT checkpoint it starts from on 500 unseen prompts."""
-    evals = _train("recipes/quickstart/pipeline.yaml", tmp_path / "pipeline")
+    run_dir = tmp_path / "pipeline"
+    evals = _train("recipes/quickstart/pipeline.yaml", run_dir)
     assert [e["model"] for e in evals] == ["initial", "sft", "grpo"]
     _, sft, grpo = (e["accuracy"] for e in evals)
     assert sft >= 0.3
     assert grpo >= sft + 0.05  # measured 0.552 → 0.658
+
+    # in-training eval (every 250 steps + stage ends) landed in metrics.jsonl for `posttrain plot`
+    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    curve = [(r["stage"], r["step"]) for r in records if "eval/quickstart/pass@1" in r]
+    assert curve == [("sft", 0), ("sft", 250), ("sft", 500), ("sft", 750), ("sft", 1000), ("grpo", 250), ("grpo", 500)]
+
+    # `posttrain eval` on the run directory evaluates its final checkpoint exactly as the pipeline did
+    out = tmp_path / "eval"
+    proc = subprocess.run([sys.executable, "-m", "posttrain", "eval", str(run_dir), "--bench", "quickstart",
+                           "--out", str(out)], cwd=REPO, capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert json.loads((out / "results.json").read_text())["metrics"]["quickstart"]["pass@1"] == grpo
 
 
 def test_nft_raises_accuracy_above_its_sft_start(tmp_path):

@@ -170,3 +170,38 @@ def test_rl_geometry_and_rewards_are_checked(tmp_path):
     bad = load_recipe(write(tmp_path, RL.replace("{name: exact}", "{name: exakt}")))
     with pytest.raises(UserError, match=r"r.yaml:8: stages.grpo.rewards: unknown reward `exakt` \(did you mean `exact`\?\)"):
         check_rewards(bad)
+
+
+EVAL = MINIMAL + """\
+eval:
+  benchmarks:
+    - {bench: quickstart, limit: 20}
+    - {bench: gsm8k, n: 4, k: [1, 4]}
+  every: 10
+"""
+
+
+def test_eval_block_resolves_benchmark_specs_and_list_overrides(tmp_path):
+    from posttrain.evaluation.spec import recipe_benchmarks
+
+    r = load_recipe(write(tmp_path, EVAL), ["eval.benchmarks.1.limit=5", "eval.benchmarks.0.max_tokens=4"])
+    specs, data = recipe_benchmarks(r.recipe.eval)
+    assert [s.name for s in specs] == ["quickstart", "gsm8k"] and data == {}
+    assert specs[0].limit == 20 and specs[0].sampling.max_tokens == 4 and specs[0].verifier.name == "exact"
+    assert specs[1].limit == 5 and specs[1].sampling.n == 4 and specs[1].metrics.k == [1, 4]
+    assert "index it with 0..1" in error_of(write(tmp_path, EVAL), ["eval.benchmarks.2.limit=5"])
+
+
+def test_eval_block_errors_name_the_recipe(tmp_path):
+    from posttrain.recipe import check_files
+
+    r = load_recipe(write(tmp_path, EVAL.replace("bench: gsm8k", "bench: gsm8kk")))
+    with pytest.raises(UserError) as info:
+        check_files(r)
+    assert "eval.benchmarks.1: unknown benchmark `gsm8kk` (did you mean `gsm8k`?)" in str(info.value)
+    r = load_recipe(write(tmp_path, EVAL.replace("bench: gsm8k", "bench: minerva_math")))
+    with pytest.raises(UserError) as info:
+        check_files(r)
+    assert "r.yaml:" in str(info.value) and "give its file with `eval.benchmarks.1.data: PATH`" in str(info.value)
+    msg = error_of(write(tmp_path, EVAL.replace("limit: 20", "limt: 20")))
+    assert "eval.benchmarks.0.limt: unknown key (did you mean `limit`?)" in msg

@@ -120,12 +120,20 @@ def test_cli_train_with_override_and_eval_table(tmp_path, data_dir):
     import sys
 
     recipe = recipe_dict(data_dir, steps=2)
-    recipe["eval"] = {"data": f"{data_dir}/test.jsonl", "template": "plain", "max_new_tokens": 4, "limit": 8}
+    recipe["eval"] = {"benchmarks": [{"spec": {  # an inline spec: the held-out split of the training data
+        "name": "heldout", "data": {"path": f"{data_dir}/test.jsonl"}, "verifier": {"name": "exact"},
+        "prompt": {"column": "prompt", "template": "{prompt}", "chat": False}, "sampling": {"max_tokens": 4}},
+        "limit": 8}], "every": 1}
     path = write_recipe(tmp_path, recipe)
     proc = subprocess.run([sys.executable, "-m", "posttrain", "train", str(path), "--run-dir", str(tmp_path / "r"),
                            "stages.sft.args.lr=1e-3"], capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    assert "initial" in proc.stdout and "sft" in proc.stdout and "accuracy" in proc.stdout
+    assert "initial" in proc.stdout and "sft" in proc.stdout and "heldout pass@1" in proc.stdout
     evals = [json.loads(l) for l in (tmp_path / "r" / "eval.jsonl").read_text().splitlines()]
     assert [e["model"] for e in evals] == ["initial", "sft"] and all(e["n"] == 8 for e in evals)
+    assert all(e["accuracy"] == e["metrics"]["heldout"]["pass@1"] for e in evals)
+    # every: 1 → also after step 1 of 2 (step 2 is the stage-end evaluation), all in metrics.jsonl
+    records = [json.loads(l) for l in (tmp_path / "r" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records if "eval/heldout/pass@1" in r] == [0, 1, 2]
+    assert (tmp_path / "r" / "eval" / "sft-step1.jsonl").is_file()
     assert yaml.safe_load((tmp_path / "r" / "recipe.resolved.yaml").read_text())["stages"]["sft"]["args"]["lr"] == 1e-3

@@ -133,18 +133,26 @@ def _number_or(value):
 
 
 def _apply_overrides(data: dict, where: Where, overrides: list[str]) -> None:
+    """Set each `key.path=value`; a number in the path indexes a list (`eval.benchmarks.0.limit=50`)."""
     for text in overrides:
         keys, value = parse_override(text)
         node = data
-        for depth, key in enumerate(keys[:-1]):
-            child = node.get(key)
-            if child is None:
-                child = node[key] = {}
-            if not isinstance(child, dict):
-                raise UserError(f"override `{text}`: `{'.'.join(keys[: depth + 1])}` is not a mapping")
-            node = child
-        node[keys[-1]] = value
-        where[keys] = f"override `{text}`"
+        for depth, key in enumerate(keys):
+            at = ".".join(keys[: depth + 1])
+            if isinstance(node, list):
+                if not key.isdigit() or int(key) >= len(node):
+                    raise UserError(f"override `{text}`: `{at}`: the list has {len(node)} item(s), "
+                                    f"index it with 0..{len(node) - 1}")
+                key = int(key)
+            elif not isinstance(node, dict):
+                raise UserError(f"override `{text}`: `{'.'.join(keys[:depth])}` is not a mapping or a list")
+            if depth == len(keys) - 1:
+                node[key] = value
+            else:
+                if isinstance(node, dict) and node.get(key) is None:
+                    node[key] = {}
+                node = node[key]
+        where[tuple(int(k) if k.isdigit() else k for k in keys)] = f"override `{text}`"
 
 
 # ---------------------------------------------------------------------------------------- validation
@@ -285,7 +293,7 @@ def check_files(resolved: Resolved) -> None:
     elif recipe.model.path.startswith(("./", "../", "/")):
         wanted.append(("model.path", recipe.model.path))
     if recipe.eval is not None:
-        wanted.append(("eval.data", recipe.eval.data))
+        wanted += _eval_files(resolved)
     for stage in resolved.stages:
         data = stage.spec.data
         wanted.append((f"stages.{stage.name}.data.path", data.path))
@@ -298,6 +306,20 @@ def check_files(resolved: Resolved) -> None:
     ]
     if missing:
         raise UserError("\n".join(missing))
+
+
+def _eval_files(resolved: Resolved) -> list[tuple[str, str]]:
+    """Resolve the `eval:` benchmark specs (unknown names and bad keys fail here) and list their data files."""
+    from posttrain.evaluation.spec import data_path, recipe_benchmarks
+
+    specs, data = recipe_benchmarks(resolved.recipe.eval, resolved.source)
+    files = []
+    for i, spec in enumerate(specs):
+        try:
+            files.append((f"eval.benchmarks.{i}.data", data_path(spec, data.get(spec.name), f"`eval.benchmarks.{i}.data: PATH`")))
+        except UserError as err:
+            raise UserError(f"{resolved.locate('eval', 'benchmarks', i)}: eval.benchmarks.{i}: {err}") from None
+    return files
 
 
 def check_rewards(resolved: Resolved) -> None:

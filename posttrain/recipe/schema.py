@@ -162,18 +162,35 @@ class TrackingSpec(Strict):
     progress: bool = True
 
 
-class EvalSpec(Strict):
-    """Held-out greedy exact-match accuracy, measured before the first stage and after each stage."""
+class EvalBenchmark(Strict):
+    """One benchmark of a recipe's `eval:`: a spec (eval/<bench>.yaml or a spec file) with overrides, or a
+    whole spec given inline under `spec` (e.g. a held-out split of the training data)."""
 
-    data: str
-    split: str = "test"
-    prompt_column: str = "prompt"
-    answer_column: str = "answer"
-    template: Literal["chat", "plain"] = "chat"
-    system_prompt: str | None = None
+    bench: str | None = None  # a spec name in eval/ or the path of a spec .yaml
+    spec: dict[str, Any] = {}  # spec keys merged over the file's (the whole spec when `bench` is unset)
+    data: str | None = None  # the benchmark's data file (sets posttrain does not ship)
     limit: int | None = Field(None, gt=0)
-    max_new_tokens: int = Field(16, gt=0)
-    batch_size: int = Field(64, gt=0)
+    n: int | None = Field(None, gt=0)  # samples per problem
+    k: list[int] | None = None  # pass@k / maj@k / avg@k
+    temperature: float | None = Field(None, ge=0)
+    top_p: float | None = Field(None, gt=0, le=1)
+    max_tokens: int | None = Field(None, gt=0)
+
+    @model_validator(mode="after")
+    def _named(self):
+        if self.bench is None and not self.spec:
+            raise ValueError("give `bench` (a spec name or file) or an inline `spec`")
+        return self
+
+
+class EvalSpec(Strict):
+    """Benchmarks measured before the first stage, after each stage and, with `every`, during each stage.
+    Results go to eval.jsonl (per model), metrics.jsonl (`eval/<bench>/<metric>`) and the trackers."""
+
+    benchmarks: list[EvalBenchmark] = Field(min_length=1)
+    every: int = Field(0, ge=0)  # also every N steps inside each stage (0: only at stage ends)
+    initial: bool = True  # evaluate the starting model too
+    batch_size: int = Field(64, gt=0)  # rows per generate call
 
 
 class StageSpec(Strict):

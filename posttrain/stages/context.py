@@ -24,6 +24,7 @@ class StageContext:
     run_dir: Path
     log: MetricsLog
     resume: bool
+    evaluation: object = None  # posttrain.evaluation.training.TrainingEval when the recipe has `eval:`
 
     @property
     def stage_dir(self) -> Path:
@@ -108,6 +109,8 @@ def run_loop(ctx: StageContext, learner, total_steps: int, step_fn, validate_fn=
         metrics["time/step"] = time.perf_counter() - began
         if done % train.log_every == 0 or done == total_steps or "eval/loss" in metrics:
             ctx.log.log(ctx.stage.name, done, metrics)
+        if ctx.evaluation is not None:
+            ctx.evaluation.maybe_in_stage(learner, ctx.tokenizer, ctx.stage.name, done, total_steps)
         bar.update(1)
         bar.set_postfix({k: f"{metrics[k]:.4g}" for k in ("loss", "eval/loss", "lr") if k in metrics}, refresh=False)
         if train.save_every and done % train.save_every == 0 and done < total_steps:
