@@ -138,7 +138,11 @@ def _default_out(model: str) -> Path:
 
 
 def run_eval(ns) -> int:
+    from transformers.utils import logging as hf_logging
+
     from posttrain.evaluation.report import markdown, metric_table, write_report
+
+    hf_logging.disable_progress_bar()  # per-file "Loading weights" bars
     from posttrain.evaluation.runner import Evaluator, score_predictions
 
     benches = [b.strip() for b in ns.bench.split(",") if b.strip()]

@@ -67,6 +67,7 @@ def write_report(results: dict, out_dir: Path, model: str, engine: str, seed: in
 def plot_results(results: dict, path: Path, title: str = "") -> Path | None:
     """pass@k and maj@k against k for each math benchmark; R1@θ against θ for each grounding benchmark."""
     from matplotlib.figure import Figure
+    from matplotlib.ticker import ScalarFormatter
 
     math_results = {n: r for n, r in results.items() if r.spec.task == "math"}
     grounding = {n: r for n, r in results.items() if r.spec.task == "grounding" and r.samples}
@@ -84,6 +85,7 @@ def plot_results(results: dict, path: Path, title: str = "") -> Path | None:
                     if points:
                         ax.plot(*zip(*points), style, color=color, label=f"{name} {kind}@k", markersize=4)
                 ax.set_xscale("log", base=2)
+                ax.xaxis.set_major_formatter(ScalarFormatter())
                 ax.set_xlabel("k (samples)")
                 ax.set_ylabel("accuracy")
             else:
