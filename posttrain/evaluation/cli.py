@@ -117,12 +117,13 @@ def make_eval_engine(kind: str, model_path: str, dtype: str, batch_size: int):
     from posttrain.models import load_tokenizer
     from posttrain.rollout.base import make_engine
 
-    if kind != "hf":
-        return make_engine(kind, model=model_path), load_tokenizer(model_path)
-    from transformers import AutoModelForCausalLM
-
     cuda = torch.cuda.is_available()
     name = {"auto": "bfloat16" if cuda else "float32", "fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}[dtype]
+    if kind != "hf":
+        tokenizer = load_tokenizer(model_path)
+        return make_engine(kind, model=None, tokenizer=tokenizer, path=model_path, dtype=name), tokenizer
+    from transformers import AutoModelForCausalLM
+
     try:
         model = AutoModelForCausalLM.from_pretrained(model_path, dtype=getattr(torch, name))
     except OSError as err:

@@ -193,6 +193,17 @@ class EvalSpec(Strict):
     batch_size: int = Field(64, gt=0)  # rows per generate call
 
 
+class VLLMSpec(Strict):
+    """Settings of the vLLM rollout engine (`engine: vllm`); see posttrain/rollout/vllm.py."""
+
+    gpu_memory_utilization: float = Field(0.3, gt=0, le=1)  # GPU share for weights + KV cache (colocated learner!)
+    kv_cache_memory_bytes: int | None = Field(None, gt=0)  # a fixed KV-cache size instead (default 256 MiB on CPU)
+    max_model_len: int | None = Field(None, gt=0)  # default: data.max_length + args.max_tokens
+    enforce_eager: bool | None = None  # default: eager on CPU, CUDA graphs on GPUs
+    sleep_level: Literal[1, 2] = 1  # sleep() around each update on GPUs: 1 keeps weights in CPU memory, 2 drops them
+    sync_timeout: float = Field(300.0, gt=0)  # seconds a weight sync may take before the run stops with an error
+
+
 class StageSpec(Strict):
     kind: str | None = None  # the stage kind; default: the stage's name
     data: DataSpec
@@ -200,6 +211,7 @@ class StageSpec(Strict):
     rewards: list[RewardSpec] = []  # RL stages: verifiers by name or module:function, with weights (spo: logged only)
     judge: JudgeSpec | None = None  # spo stages: the pairwise judge whose win rates are the rewards (judges.py)
     engine: Literal["hf", "vllm"] = "hf"  # RL stages: the rollout engine
+    vllm: VLLMSpec = VLLMSpec()  # settings of `engine: vllm`
 
 
 class Recipe(Strict):

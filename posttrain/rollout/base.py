@@ -44,7 +44,8 @@ top-p renormalisation; neither equals this definition in general ("processed_log
 top-p are off). A vLLM backend must convert (or recompute) so it returns the definition above.
 
 `load_weights(named_tensors)` copies `(name, tensor)` pairs into the engine's weights by name (HF
-`state_dict` names); `sleep()` / `wake()` release and restore accelerator memory (may be no-ops).
+`state_dict` names); `sleep()` / `wake()` release and restore accelerator memory (may be no-ops); `close()`
+releases the engine at the end of a stage.
 
 Importing this module is cheap: no torch, transformers or vllm.
 """
@@ -144,6 +145,10 @@ class RolloutEngine(Protocol):
 
     def wake(self) -> None:
         """Undo `sleep()`."""
+        ...
+
+    def close(self) -> None:
+        """Release the engine (processes, memory); it is not used afterwards."""
         ...
 
 

@@ -265,6 +265,9 @@ class HFEngine:
             self._wake_device = None
         self._asleep = False
 
+    def close(self) -> None:
+        """Nothing to release: the model belongs to the caller."""
+
 
 # ------------------------------------------------------------------------------------------ generation hooks
 

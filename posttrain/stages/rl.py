@@ -280,6 +280,21 @@ def algorithm_of(args):
     return sys.modules[type(args).__module__]
 
 
+def engine_options(ctx: StageContext, learner) -> dict:
+    """What `make_engine` needs for the stage's engine: the learner's module (hf shares it; vllm syncs from it),
+    and for vllm the checkpoint it starts from and its settings."""
+    spec, t = ctx.stage.spec, ctx.stage.train
+    options = {"model": learner.unwrapped(), "tokenizer": ctx.tokenizer}
+    if spec.engine == "vllm":
+        if getattr(ctx.stage.algo, "tis_cap", None) is not None and (t.top_k or t.top_p < 1):
+            raise UserError(f"stages.{ctx.stage.name}: tis_cap needs the sampler's log-probs, which the vllm engine "
+                            f"returns only without top-k / top-p truncation (set top_k: 0 and top_p: 1.0)")
+        settings = spec.vllm.model_dump()
+        settings["max_model_len"] = settings["max_model_len"] or spec.data.max_length + t.max_tokens
+        options.update(path=str(ctx.init_path), seed=ctx.seed, **settings)
+    return options
+
+
 def run(ctx: StageContext) -> Path:
     from posttrain.models import load_causal_lm
     from posttrain.reward import Scorer
@@ -299,7 +314,7 @@ def run(ctx: StageContext) -> Path:
     ref_model = None
     if algo.needs_reference(args):
         ref_model = load_causal_lm(ctx.init_path, ctx.recipe.model).to(learner.device).eval().requires_grad_(False)
-    engine = make_engine(ctx.stage.spec.engine, model=learner.unwrapped(), tokenizer=ctx.tokenizer)
+    engine = make_engine(ctx.stage.spec.engine, **engine_options(ctx, learner))
     scorer = Scorer(ctx.stage.spec.rewards)
     sampler = Sampler(ctx, engine, scorer, prompts)
     pad_id, temperature = ctx.tokenizer.pad_token_id, _temperature(t)
@@ -321,6 +336,7 @@ def run(ctx: StageContext) -> Path:
         time_logprobs = time.perf_counter() - start
         learn: dict[str, float] = {}
         start = time.perf_counter()
+        engine.sleep()  # free the engine's accelerator memory for the update (a no-op on CPU and for `hf`)
         for epoch in range(epochs):
             g = torch.Generator().manual_seed(ctx.seed + 31 * step + epoch)
             order = torch.randperm(len(rows), generator=g).tolist() if updates_per_step > 1 else list(range(len(rows)))
@@ -329,7 +345,8 @@ def run(ctx: StageContext) -> Path:
                 learn = learner.train_step(micro, loss_fn, reduction)
         time_update = time.perf_counter() - start
         start = time.perf_counter()
-        engine.load_weights(learner.unwrapped().named_parameters())  # a no-op when colocated (shared module)
+        engine.wake()
+        engine.load_weights(learner.unwrapped().named_parameters())  # hf: a no-op (it shares the module)
         time_sync = time.perf_counter() - start
         metrics = {**learn, **_rollout_metrics(acc, sampler.first, sampler.results, sampler.stats)}
         gen_tokens = sum(len(c.token_ids) for g in groups for c in g.completions)
@@ -343,3 +360,4 @@ def run(ctx: StageContext) -> Path:
         scorer.close()
         if sampler.judge is not None:
             sampler.judge.close()
+        engine.close()

