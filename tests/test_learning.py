@@ -59,3 +59,11 @@ def test_nft_raises_accuracy_above_its_sft_start(tmp_path):
     assert [e["model"] for e in evals] == ["initial", "sft", "nft"]
     _, sft, nft = (e["accuracy"] for e in evals)
     assert nft >= sft + 0.05  # measured 0.552 → 0.664
+
+
+def test_spo_raises_accuracy_above_its_sft_start(tmp_path):
+    """The same SFT stage, then SPO: win rates from the closeness rule judge, never the exact-match reward."""
+    evals = _train("recipes/quickstart/spo.yaml", tmp_path / "spo")
+    assert [e["model"] for e in evals] == ["initial", "sft", "spo"]
+    _, sft, spo = (e["accuracy"] for e in evals)
+    assert spo >= sft + 0.05  # measured 0.552 → 0.632
