@@ -157,3 +157,19 @@ def test_quickstart_grpo_stage_runs_with_vllm_rollouts(model_dir, tmp_path):
     records = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in records] == [1, 2] and all(r["time/sync"] > 0 for r in records)
     assert (tmp_path / "run" / "grpo" / "final" / "config.json").is_file()
+
+
+def test_posttrain_eval_with_the_vllm_engine_matches_hf(model_dir, tmp_path):
+    """`posttrain eval --engine vllm`: greedy completions identical to the HF engine's, so the same metrics."""
+    import json
+
+    from posttrain.cli import main
+
+    docs = {}
+    for engine in ("hf", "vllm"):
+        out = tmp_path / engine
+        assert main(["eval", str(model_dir), "--bench", "quickstart", "--limit", "6", "--engine", engine,
+                     "--out", str(out)]) == 0
+        docs[engine] = [json.loads(line) for line in (out / "samples.jsonl").read_text().splitlines()]
+    assert [s["completions"] for s in docs["vllm"]] == [s["completions"] for s in docs["hf"]]
+    assert [s["scores"] for s in docs["vllm"]] == [s["scores"] for s in docs["hf"]]
