@@ -24,7 +24,7 @@ def load_benchmark_rows(path: str, fmt: str = "auto", split: str = "test", name:
     if fmt == "auto":
         from posttrain.data import load_rows
 
-        rows = _jsonl_rows(path) if path.endswith(".jsonl") and Path(path).is_file() else None
+        rows = read_jsonl(path) if path.endswith(".jsonl") and Path(path).is_file() else None
         if rows is None:
             rows = load_rows(path, split=split, name=name).to_list()
     else:
@@ -34,8 +34,8 @@ def load_benchmark_rows(path: str, fmt: str = "auto", split: str = "test", name:
     return rows[:limit] if limit else rows
 
 
-def _jsonl_rows(path: str) -> list[dict]:
-    """Plain jsonl reading: benchmark files mix types within a column (e.g. OlympiadBench `unit` null or str,
+def read_jsonl(path: str) -> list[dict]:
+    """One dict per non-empty line; a bad line is an error naming the file and line. Plain jsonl reading: benchmark files mix types within a column (e.g. OlympiadBench `unit` null or str,
     AMC `answer` floats), which Arrow's schema inference rejects or coerces."""
     rows = []
     with open(path) as f:
@@ -81,7 +81,7 @@ def activitynet_rows(path: str) -> list[dict]:
 
 def qvhighlights_rows(path: str) -> list[dict]:
     rows = []
-    for row in _jsonl_rows(path):
+    for row in read_jsonl(path):
         windows = row.get("relevant_windows") or [[0.0, 0.0]]
         rows.append({**row, "video": row["vid"], "span": [float(windows[0][0]), float(windows[0][1])]})
     return rows

@@ -20,7 +20,7 @@ from pathlib import Path
 
 from posttrain.errors import UserError
 from posttrain.evaluation import grounding, metrics
-from posttrain.evaluation.loaders import load_benchmark_rows
+from posttrain.evaluation.loaders import load_benchmark_rows, read_jsonl
 from posttrain.evaluation.spec import BenchmarkSpec, data_path, render_template
 
 PROMPTS_PER_CALL = 32  # prompts per engine call: the progress bar's granularity
@@ -155,12 +155,10 @@ def _jsonable(value):
 # ---------------------------------------------------------------------------------------- predictions
 
 
-def _read_jsonl(path: str) -> list[dict]:
-    from posttrain.evaluation.loaders import _jsonl_rows
-
+def _read_predictions(path: str) -> list[dict]:
     if not Path(path).is_file():
         raise UserError(f"predictions file `{path}` not found")
-    return _jsonl_rows(path)
+    return read_jsonl(path)
 
 
 def score_predictions(spec: BenchmarkSpec, predictions_path: str, data: str | None = None) -> BenchResult:
@@ -169,7 +167,7 @@ def score_predictions(spec: BenchmarkSpec, predictions_path: str, data: str | No
     started = time.perf_counter()
     path = data_path(spec, data)
     gts = load_benchmark_rows(path, spec.data.format, spec.data.split, spec.data.name)
-    preds = _read_jsonl(predictions_path)
+    preds = _read_predictions(predictions_path)
     if spec.data.format == "qvhighlights":
         missing = [p for p in preds if "qid" not in p]
         if missing:

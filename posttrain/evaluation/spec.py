@@ -168,6 +168,8 @@ def data_path(spec: BenchmarkSpec, given: str | None = None, how: str | None = N
 
 def recipe_benchmarks(eval_spec, source: str = "recipe") -> tuple[list[BenchmarkSpec], dict[str, str]]:
     """The specs a recipe's `eval:` block asks for (`EvalBenchmark` overrides applied) and their data paths."""
+    from posttrain.recipe.load import _deep_merge
+
     specs, data = [], {}
     for i, entry in enumerate(eval_spec.benchmarks):
         sampling = {k: v for k, v in {"n": entry.n, "temperature": entry.temperature, "top_p": entry.top_p,
@@ -177,8 +179,6 @@ def recipe_benchmarks(eval_spec, source: str = "recipe") -> tuple[list[Benchmark
             extra["metrics"] = {"k": entry.k}
         if entry.limit is not None:
             extra["limit"] = entry.limit
-        from posttrain.recipe.load import _deep_merge
-
         overrides = _deep_merge(entry.spec, extra)
         where = f"{source}: eval.benchmarks.{i}"
         try:
