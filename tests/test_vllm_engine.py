@@ -68,9 +68,20 @@ def test_sampler_logprobs_equal_teacher_forced_hf_logprobs(model_dir, tokenizer)
                 ref = token_logprobs(model(ids).logits[:, :-1], ids[:, 1:], 0.7)[0, len(prompt) - 1:]
             worst = max(worst, (ref - torch.tensor(c.logprobs)).abs().max().item())
     assert worst < 1e-4
-    # per-request seeds: two prompts do not share a random stream, and the same call repeats exactly
+    # seeded calls repeat exactly
     again = engine.generate(prompts, SamplingParams(n=3, temperature=0.7, max_tokens=12, seed=5))
     assert [[c.token_ids for c in g] for g in again] == [[c.token_ids for c in g] for g in groups]
+
+
+def test_prompts_of_one_call_never_share_random_streams(model_dir, tokenizer):
+    """vLLM seeds the k-th sample of a request with seed + k: with seeds seed + i per prompt, the same prompt
+    twice would get the same samples shifted by one. Every sample here must differ (random 300-token model,
+    10 tokens: a chance collision is negligible)."""
+    engine = make_engine("vllm", model=None, tokenizer=tokenizer, path=model_dir)
+    prompt = _prompts(tokenizer)[0]
+    groups = engine.generate([prompt] * 4, SamplingParams(n=4, temperature=1.0, max_tokens=10, seed=10))
+    samples = [tuple(c.token_ids) for g in groups for c in g]
+    assert len(set(samples)) == len(samples) == 16
 
 
 def test_greedy_after_update_and_sync_equals_hf_greedy(model_dir, tokenizer):

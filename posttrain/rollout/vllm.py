@@ -20,8 +20,11 @@ Design (what differs from the HF backend, and why):
   are off), which is exactly that. With top-k or top-p on, vLLM's processed log-probs are renormalised over the
   truncated support, so this backend returns `logprobs=None` there and the learner's recomputed `old_logp`
   stands in (the RL stage refuses `tis_cap` in that case).
-* **Seeds** are per request (`seed + prompt index`), so every prompt gets its own random stream and a sample
-  does not depend on what it was batched with (unlike the HF backend).
+* **Seeds** are per request, so a sample does not depend on what it was batched with (unlike the HF backend).
+  vLLM seeds the k-th of a request's n samples with `seed + k`, so consecutive per-prompt seeds (`seed + i`)
+  would hand prompt i+1 the random streams of prompt i shifted by one (identical prompts then get identical
+  samples, different prompts share their sampling noise: measurably worse GRPO learning). Each prompt's seed is
+  therefore a hash of (call seed, prompt index), spread over 2^31 values.
 * **Text** is re-decoded from the token ids (`skip_special_tokens=True`) so text and tokens never disagree and
   a stop string is kept, as the protocol demands (vLLM's own text cuts exactly at the stop string).
 * `sleep()` / `wake()` free and restore accelerator memory around the learner's update (`level` 1 keeps the
@@ -32,6 +35,7 @@ Design (what differs from the HF backend, and why):
 
 from __future__ import annotations
 
+import hashlib
 import os
 import tempfile
 import threading
@@ -129,7 +133,7 @@ class VLLMEngine:
         params = [
             VSampling(n=sampling.n, temperature=sampling.temperature, top_p=sampling.top_p, top_k=sampling.top_k,
                       max_tokens=sampling.max_tokens, stop=list(sampling.stop) or None,
-                      include_stop_str_in_output=True, seed=None if sampling.seed is None else sampling.seed + i,
+                      include_stop_str_in_output=True, seed=None if sampling.seed is None else prompt_seed(sampling.seed, i),
                       logprobs=0 if sampling.logprobs and exact else None, skip_special_tokens=True)
             for i in range(len(encoded))
         ]
@@ -241,6 +245,12 @@ def _strip(name: str) -> str:
         while name.startswith(prefix):
             name = name[len(prefix):]
     return name
+
+
+def prompt_seed(seed: int, index: int) -> int:
+    """A well-spread seed for prompt `index` of a call seeded `seed` (see the module doc on vLLM's `seed + k`)."""
+    digest = hashlib.blake2b(f"{seed}:{index}".encode(), digest_size=4).digest()
+    return int.from_bytes(digest, "little") >> 1
 
 
 CPU_HEAD_DIMS = (32, 64, 80, 96, 112, 128, 160, 192, 224, 256, 512)  # vLLM's CPU attention kernels
