@@ -68,7 +68,10 @@ def _param_groups(model, weight_decay: float) -> list[dict]:
 
 
 class Learner:
-    def __init__(self, accelerator, model_spec: ModelSpec, train: TrainArgs, total_steps: int, init_path):
+    def __init__(self, accelerator, model_spec: ModelSpec, train: TrainArgs, total_steps: int, init_path,
+                 *, alongside: bool = False):
+        """`alongside`: a second learner on the same Accelerator (TTCS's two policies); the first one's model and
+        optimizer stay registered, so one `save_state` writes both and one `load_state` restores both."""
         self.accelerator = accelerator
         self.spec = model_spec
         self.train = train
@@ -83,7 +86,8 @@ class Learner:
         )
         # One Accelerator serves the whole recipe: forget the previous stage's model and optimizer, or
         # save_state/load_state would number this stage's objects after them (model_1, optimizer_1).
-        accelerator.free_memory()
+        if not alongside:
+            accelerator.free_memory()
         self._configure_deepspeed()
         accelerator.gradient_accumulation_steps = self.accumulation
         self.model, self.optimizer = accelerator.prepare(model, optimizer)
@@ -130,6 +134,7 @@ class Learner:
             raise ValueError(f"expected {self.accumulation} micro-batches per step, got {len(micro_batches)}")
         start = time.perf_counter()
         self.model.train()
+        self.accelerator.gradient_accumulation_steps = self.accumulation  # learners may share the Accelerator
         totals = self.global_totals(micro_batches)
         lr = self._set_lr()
         # `aggregate` already divides by the global normaliser: undo DDP's mean over processes and

@@ -165,9 +165,10 @@ def _print_summary(run_dir: Path, final: Path, rows: list[dict]) -> None:
     """One line per evaluated model, one column per benchmark metric (pass@1 first)."""
     if rows:
         columns = list(dict.fromkeys((b, m) for row in rows for b, ms in row["metrics"].items() for m in ms))
-        head = "".join(f"{f'{b} {m}':>22}" for b, m in columns)
+        width = max(22, *(len(f"{b} {m}") + 2 for b, m in columns))
+        head = "".join(f"{f'{b} {m}':>{width}}" for b, m in columns)
         print(f"\n  {'model':<14}{head}")
         for row in rows:
-            cells = "".join(f"{row['metrics'].get(b, {}).get(m, float('nan')):>22.3f}" for b, m in columns)
+            cells = "".join(f"{row['metrics'].get(b, {}).get(m, float('nan')):>{width}.3f}" for b, m in columns)
             print(f"  {row['model']:<14}{cells}")
     print(f"\n[posttrain] done. final checkpoint: {final}\n[posttrain] metrics: {run_dir / 'metrics.jsonl'}")

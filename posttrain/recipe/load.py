@@ -30,6 +30,7 @@ class Stage:
     spec: Any  # StageSpec
     train: TrainArgs
     algo: Any  # the algorithm's Args dataclass instance
+    synthesizer: tuple | None = None  # ttcs stages: (RLArgs, grpo.Args) of the synthesizer policy
 
 
 @dataclasses.dataclass(frozen=True)
@@ -229,7 +230,19 @@ def _validate_stage(name: str, spec, recipe_where: Where, source: str) -> tuple[
         takes = ", ".join(f"`{k}`" for k, v in STAGE_KINDS.items() if v.judge)
         return None, [f"{_locate(recipe_where, ('stages', name, 'judge'), source)}: stages.{name}.judge: "
                       f"a `{kind}` stage takes no judge (only {takes} stages do)"]
-    if rl and not judged and not spec.rewards:  # a judged stage's rewards are optional: logged, not trained on
+    kind_spec = STAGE_KINDS[kind]
+    for key, wanted in (("privileged", kind_spec.privileged), ("synthesizer", kind_spec.synthesizer)):
+        if wanted and getattr(spec, key) is None:
+            example = "`privileged: {column: solution}`" if key == "privileged" else "`synthesizer: {args: {...}}`"
+            return None, [f"{at}: stages.{name}.{key}: a `{kind}` stage needs `{key}:`, e.g. {example}"]
+        if not wanted and getattr(spec, key) is not None:
+            takes = ", ".join(f"`{k}`" for k, v in STAGE_KINDS.items() if getattr(v, key))
+            return None, [f"{_locate(recipe_where, ('stages', name, key), source)}: stages.{name}.{key}: "
+                          f"a `{kind}` stage takes no `{key}` (only {takes} stages do)"]
+    if kind_spec.synthesizer and spec.rewards:
+        return None, [f"{_locate(recipe_where, ('stages', name, 'rewards'), source)}: stages.{name}.rewards: a "
+                      f"`{kind}` stage reads no rewards: its solver is rewarded by majority-vote pseudo-labels"]
+    if rl and not judged and not kind_spec.synthesizer and not spec.rewards:  # a judged stage's rewards are optional: logged, not trained on
         return None, [f"{at}: stages.{name}.rewards: a `{kind}` stage needs at least one reward, e.g. "
                       f"`rewards: [{{name: math}}]`"]
     if not rl and spec.rewards:
@@ -241,7 +254,16 @@ def _validate_stage(name: str, spec, recipe_where: Where, source: str) -> tuple[
     except ValidationError as exc:
         return None, _validation_error(exc, model, ("stages", name, "args"), recipe_where, source)
     train, algo = split_args(validated, algo_args, rl)
-    return Stage(name=name, kind=kind, spec=spec, train=train, algo=algo), []
+    synthesizer = None
+    if kind_spec.synthesizer:
+        from posttrain.algorithms import grpo
+
+        synth_model = stage_args_model("synthesizer", grpo.Args, True)
+        try:
+            synthesizer = split_args(synth_model(**spec.synthesizer.args), grpo.Args, True)
+        except ValidationError as exc:
+            return None, _validation_error(exc, synth_model, ("stages", name, "synthesizer", "args"), recipe_where, source)
+    return Stage(name=name, kind=kind, spec=spec, train=train, algo=algo, synthesizer=synthesizer), []
 
 
 def load_recipe(path: str | Path, overrides: list[str] = ()) -> Resolved:
@@ -271,6 +293,11 @@ def check_batch_geometry(resolved: Resolved, num_processes: int) -> None:
         f"{resolved.locate('stages', stage.name, 'args')}: stages.{stage.name}.args: {problem}"
         for stage in resolved.stages
         for problem in geometry_problems(stage.train, num_processes)
+    ]
+    problems += [
+        f"{resolved.locate('stages', stage.name, 'synthesizer', 'args')}: stages.{stage.name}.synthesizer.args: {problem}"
+        for stage in resolved.stages if stage.synthesizer is not None
+        for problem in geometry_problems(stage.synthesizer[0], num_processes)
     ]
     if problems:
         raise UserError("\n".join(problems))

@@ -204,12 +204,47 @@ class VLLMSpec(Strict):
     sync_timeout: float = Field(300.0, gt=0)  # seconds a weight sync may take before the run stops with an error
 
 
+class PrivilegedSpec(Strict):
+    """Distillation stages: the dataset column with the privileged information I (a hint, a worked solution,
+    expert actions) and how the teacher's prompt shows it: `template` with `{prompt}` and `{privileged}`."""
+
+    column: str
+    template: str = "{prompt}\n\nHint: {privileged}"
+
+    @model_validator(mode="after")
+    def _placeholders(self):
+        for name in ("{prompt}", "{privileged}"):
+            if name not in self.template:
+                raise ValueError(f"template must contain {name}, got {self.template!r}")
+        return self
+
+
+class SynthesizerSpec(Strict):
+    """TTCS stages: the synthesizer policy. `template` renders its prompt from one test question
+    (`{question}`); `args` are its own learner and rollout settings (flat, like a stage's `args`)."""
+
+    template: str = (
+        "Write one new problem that has the same structure and solution method as the problem below but "
+        "different surface details (numbers, names, objects). Put only the new problem inside "
+        "<question></question> tags.\n\nProblem: {question}"
+    )
+    args: dict[str, Any] = {}
+
+    @model_validator(mode="after")
+    def _placeholder(self):
+        if "{question}" not in self.template:
+            raise ValueError(f"template must contain {{question}}, got {self.template!r}")
+        return self
+
+
 class StageSpec(Strict):
     kind: str | None = None  # the stage kind; default: the stage's name
     data: DataSpec
     args: dict[str, Any] = {}
     rewards: list[RewardSpec] = []  # RL stages: verifiers by name or module:function, with weights (spo: logged only)
     judge: JudgeSpec | None = None  # spo stages: the pairwise judge whose win rates are the rewards (judges.py)
+    privileged: PrivilegedSpec | None = None  # distill stages: the privileged column and the teacher's prompt
+    synthesizer: SynthesizerSpec | None = None  # ttcs stages: the synthesizer's prompt and settings
     engine: Literal["hf", "vllm"] = "hf"  # RL stages: the rollout engine
     vllm: VLLMSpec = VLLMSpec()  # settings of `engine: vllm`
 

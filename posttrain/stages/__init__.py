@@ -9,7 +9,7 @@ from __future__ import annotations
 import dataclasses
 import importlib
 
-from posttrain.algorithms import grpo, nft, sft
+from posttrain.algorithms import distill, grpo, nft, sft, ttcs
 
 
 @dataclasses.dataclass(frozen=True)
@@ -18,6 +18,8 @@ class StageKind:
     runner: str  # "module:function"
     rl: bool = False  # args also take the shared rollout settings (RLArgs)
     judge: bool = False  # rewards are win rates from the stage's pairwise `judge` (posttrain/judges.py)
+    privileged: bool = False  # needs `privileged:` (teacher prompt with privileged information)
+    synthesizer: bool = False  # needs `synthesizer:` (TTCS) and takes no rewards (pseudo-labels instead)
 
     def run(self, ctx):
         module, func = self.runner.split(":")
@@ -31,4 +33,8 @@ STAGE_KINDS: dict[str, StageKind] = {
     "nft": StageKind(args=nft.Args, runner="posttrain.stages.rl:run", rl=True),
     # SPO (self-play preference optimisation): a judge's win rates are the rewards, the loss is GRPO's
     "spo": StageKind(args=grpo.Args, runner="posttrain.stages.rl:run", rl=True, judge=True),
+    # π-Distill and OPSD: one module, two modes (`args.mode`), the teacher is the model with privileged info
+    # TTCS: a synthesizer and a solver co-evolve on unlabeled test questions (majority-vote pseudo-labels)
+    "ttcs": StageKind(args=ttcs.Args, runner="posttrain.stages.ttcs:run", rl=True, synthesizer=True),
+    "distill": StageKind(args=distill.Args, runner="posttrain.stages.distill:run", rl=True, privileged=True),
 }
