@@ -46,6 +46,9 @@ def test_credit_puts_each_modes_kl_in_the_return_before_the_group_baseline():
     assert pi["shaped_return"].tolist() == pytest.approx([1.0, 0.0, 0.0, -0.5])
     torch.testing.assert_close(pi["adv_teacher"], adv([1.0, 0.0, 0.0, -0.5]))
     torch.testing.assert_close(pi["adv"], adv([1.0, 1.0, 0.0, 0.0]))
+    shared = distill.credit(rewards, 4, distill.Args(beta=0.5, student_advantage="teacher"), logp_teacher=logp_t,
+                            logp_student=logp_s, mask=mask)
+    torch.testing.assert_close(shared["adv"], shared["adv_teacher"])  # the official code's choice
     full = distill.credit(rewards, 4, distill.Args(mode="opsd", opsd_kl="full"), logp_teacher=logp_t, logp_student=logp_s, mask=mask)
     torch.testing.assert_close(full["adv"], adv([1.0, 1.0, 0.0, 0.0]))  # the KL is in the loss instead
 

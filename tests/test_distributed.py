@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from helpers import recipe_dict, write_addition_data, write_recipe
+from helpers import recipe_dict, ttcs_recipe, write_addition_data, write_recipe
 
 REPO = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.slow
@@ -86,3 +86,28 @@ def test_grpo_step_two_processes_equal_one(tiny_lm_dir, aggregation):
     assert b["loss"] == pytest.approx(a["loss"], rel=1e-5, abs=1e-8)
     assert b["grad_norm"] == pytest.approx(a["grad_norm"], rel=1e-4)
     assert b["checksum"] == pytest.approx(a["checksum"], rel=1e-6)
+
+
+def test_ttcs_and_distill_stages_run_on_two_processes(tmp_path):
+    """Each process samples its shard of the questions; both TTCS policies (two DDP models on one Accelerator)
+    and the distillation stage's two-prompt forwards train and checkpoint under a 2-process gloo group."""
+    data = write_addition_data(tmp_path / "data")
+    rows = [json.loads(l) for l in (data / "train.jsonl").read_text().splitlines()]
+    (data / "hinted.jsonl").write_text("".join(json.dumps({**r, "hint": r["answer"]}) + "\n" for r in rows))
+    r = ttcs_recipe(data, data / "test.jsonl", steps=2)
+    r["stages"]["distill"] = {
+        "data": {"path": f"{data}/hinted.jsonl", "template": "plain", "max_length": 16},
+        "privileged": {"column": "hint", "template": "{privileged}|{prompt}"}, "rewards": [{"name": "exact"}],
+        "args": {"steps": 2, "prompts_per_step": 4, "group_size": 4, "batch_size": 8, "micro_batch_size": 2,
+                 "max_tokens": 5, "lr": 1e-3},
+    }
+    r["stages"]["ttcs"]["args"]["micro_batch_size"] = 2
+    r["stages"]["ttcs"]["synthesizer"]["args"]["micro_batch_size"] = 2
+    recipe = write_recipe(tmp_path, r)
+    run_dir = tmp_path / "run"
+    _launch(tmp_path, recipe, run_dir, "--multi_gpu")
+    records = [json.loads(l) for l in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert [x["step"] for x in records if x["stage"] == "ttcs"] == [1, 2]
+    assert [x["step"] for x in records if x["stage"] == "distill"] == [1, 2]
+    for part in ("ttcs/final", "ttcs/final/synthesizer", "distill/final"):
+        assert (run_dir / part / "model.safetensors").is_file(), part

@@ -2,6 +2,7 @@
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -12,9 +13,10 @@ REPO = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.slow
 
 
-def _train(recipe: str, run_dir: Path, *overrides: str) -> list[dict]:
+def _train(recipe: str, run_dir: Path, *overrides: str, resume: bool = False) -> list[dict]:
     env = dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1")
-    cmd = [sys.executable, "-m", "posttrain", "train", recipe, "--run-dir", str(run_dir), "tracking.progress=false", *overrides]
+    where = ["--resume" if resume else "--run-dir", str(run_dir)]
+    cmd = [sys.executable, "-m", "posttrain", "train", recipe, *where, "tracking.progress=false", *overrides]
     proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr[-4000:]
     return [json.loads(line) for line in (run_dir / "eval.jsonl").read_text().splitlines()]
@@ -67,3 +69,58 @@ def test_spo_raises_accuracy_above_its_sft_start(tmp_path):
     assert [e["model"] for e in evals] == ["initial", "sft", "spo"]
     _, sft, spo = (e["accuracy"] for e in evals)
     assert spo >= sft + 0.05  # measured 0.552 → 0.632
+
+
+@pytest.fixture(scope="module")
+def distill_run(tmp_path_factory) -> Path:
+    """recipes/quickstart/distill.yaml, run once: its SFT stage is also the warm start of opsd.yaml and
+    ttcs.yaml (identical `model` and `stages.sft` sections and seed, hence identical weights), which the tests
+    below reuse instead of training it three times."""
+    run_dir = tmp_path_factory.mktemp("distill") / "run"
+    _train("recipes/quickstart/distill.yaml", run_dir)
+    return run_dir
+
+
+def _from_warm_start(warm: Path, run_dir: Path) -> None:
+    """A run directory holding only the warm run's SFT stage, ready for `--resume`."""
+    run_dir.mkdir(parents=True)
+    for name in ("sft", "init-model", "recipe.resolved.yaml"):
+        (shutil.copytree if (warm / name).is_dir() else shutil.copy)(warm / name, run_dir / name)
+    # the SFT stage's metrics, not its evaluations: the resumed recipe measures its own benchmarks
+    lines = (warm / "metrics.jsonl").read_text().splitlines()
+    (run_dir / "metrics.jsonl").write_text("".join(l + "\n" for l in lines
+                                                   if json.loads(l)["stage"] == "sft" and not _is_eval(l)))
+
+
+def _is_eval(line: str) -> bool:
+    return any(k.startswith("eval/") and k != "eval/loss" for k in json.loads(line))
+
+
+def test_pi_distill_raises_the_students_no_hint_accuracy(distill_run):
+    """SFT on answers (some with the worked solution in the prompt), then π-Distill with the solution as
+    privileged information: the student's accuracy WITHOUT the solution rises."""
+    evals = [json.loads(line) for line in (distill_run / "eval.jsonl").read_text().splitlines()]
+    assert [e["model"] for e in evals] == ["initial", "sft", "distill"]
+    _, sft, student = (e["accuracy"] for e in evals)
+    assert sft >= 0.3
+    assert student >= sft + 0.05  # measured 0.464 → 0.580
+
+
+def test_opsd_raises_the_students_no_hint_accuracy(distill_run, tmp_path):
+    """The same SFT stage, then OPSD: the student samples, its return shaped by the reverse KL to the teacher."""
+    _from_warm_start(distill_run, tmp_path / "opsd")
+    evals = _train("recipes/quickstart/opsd.yaml", tmp_path / "opsd", resume=True)
+    assert [e["model"] for e in evals] == ["initial", "sft", "distill"]
+    _, sft, student = (e["accuracy"] for e in evals)
+    assert student >= sft + 0.05  # measured 0.464 → 0.680
+
+
+def test_ttcs_raises_accuracy_on_the_unlabeled_test_questions(distill_run, tmp_path):
+    """The same SFT stage, then TTCS on the 500 test questions without their answers: the solver's greedy
+    accuracy on them rises and its majority vote does not fall."""
+    _from_warm_start(distill_run, tmp_path / "ttcs")
+    evals = _train("recipes/quickstart/ttcs.yaml", tmp_path / "ttcs", resume=True)
+    assert [e["model"] for e in evals] == ["initial", "sft", "ttcs"]
+    sft, ttcs = (e["metrics"] for e in evals[1:])
+    assert ttcs["quickstart"]["pass@1"] >= sft["quickstart"]["pass@1"] + 0.05  # measured 0.464 → 0.568
+    assert ttcs["quickstart_vote"]["maj@8"] >= sft["quickstart_vote"]["maj@8"]  # measured 0.416 → 0.434

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from helpers import recipe_dict, write_addition_data, write_recipe
+from helpers import ttcs_recipe as _ttcs_recipe, write_addition_data, write_recipe
 from posttrain import pipeline
 from posttrain.algorithms import ttcs
 from posttrain.recipe import load_recipe
@@ -89,33 +89,6 @@ def test_synthesizer_rewards_golden_batch():
 
 
 # -------------------------------------------------------------------------------------------- the stage
-
-
-def _variant_rows(data: Path) -> Path:
-    """SFT rows teaching a tiny model both to answer `a+b=` and to write `<question>c+d=</question>`."""
-    rng = random.Random(0)
-    rows = [json.loads(l) for l in (data / "train.jsonl").read_text().splitlines()]
-    out = [{"prompt": r["prompt"], "completion": r["completion"]} for r in rows]
-    out += [{"prompt": r["prompt"] + "?", "completion": f"<question>{rng.randrange(50)}+{rng.randrange(50)}=</question>"}
-            for r in rows]
-    rng.shuffle(out)
-    (data / "mixed.jsonl").write_text("".join(json.dumps(r) + "\n" for r in out))
-    return data / "mixed.jsonl"
-
-
-def _ttcs_recipe(data: Path, test_file: Path, steps: int = 2, **args) -> dict:
-    r = recipe_dict(data, steps=200)
-    r["stages"]["sft"]["data"]["path"] = str(_variant_rows(data))
-    r["stages"]["ttcs"] = {
-        "data": {"path": str(test_file), "template": "plain", "max_length": 16},
-        "synthesizer": {"template": "{question}?", "args": {
-            "prompts_per_step": 4, "group_size": 2, "batch_size": 8, "micro_batch_size": 4, "max_tokens": 32,
-            "lr": 1e-3}},
-        "args": {"steps": steps, "prompts_per_step": 4, "synthetic_per_step": 2, "group_size": 4, "judge_samples": 4,
-                 "batch_size": 8, "micro_batch_size": 4, "max_tokens": 4, "lr": 1e-3, "skeleton_check": False,
-                 "diversity_tokens": "chars", "agreement_low": 0.0, "agreement_high": 1.0, **args},
-    }
-    return r
 
 
 def _weights(directory: Path) -> dict:

@@ -25,12 +25,12 @@ OPSD (`mode="opsd"`): the STUDENT samples y ~ π_S (on-policy self-distillation)
   so it would not pull the student toward the teacher at all.
 
 Advantages: group-relative over each prompt's G samples (`grpo.group_advantages`, unbiased std by default).
-Where this departs from the paper and its code: the student's A is the group-normalised outcome advantage A(R)
-(the paper writes J_S with R; J_T's KL is the teacher's alone). The official code hands the student the
-teacher's KL-shaped advantage; on the quickstart that made the student term push the student away from the
-teacher's correct answers it found unlikely (no-hint accuracy 0.21 → 0.15 in 100 steps), since in groups the
-teacher solves every time the shaped advantage is −β·(KL − mean KL). ρ_S gets PPO's symmetric clip 1 ± 0.2.
-The official code normalises over the whole batch; we use each prompt's group (GRPO), as for OPSD.
+Where this departs from the paper and its code: the student's A is by default the group-normalised outcome
+advantage A(R), as the paper's J_S is written (J_T's KL belongs to the teacher); `student_advantage="teacher"`
+gives the student the teacher's KL-shaped advantage, as the official code does. In groups the teacher solves
+every time, that advantage is −β·(KL − mean KL)/std: it pushes the student away from the teacher's correct
+answers it finds least likely. ρ_S gets PPO's symmetric clip 1 ± 0.2. The official code normalises over the whole
+batch; we use each prompt's group (GRPO), as for OPSD.
 Everything here is pure tensor math; the stage (stages/distill.py) does the sampling and the two forwards.
 """
 
@@ -64,6 +64,10 @@ class Args:
     opsd_kl: Literal["reward", "full"] = dataclasses.field(
         default="reward",
         metadata={"doc": "OPSD KL: in the return before the baseline, or full-vocabulary per position"},
+    )
+    student_advantage: Literal["outcome", "teacher"] = dataclasses.field(
+        default="outcome",
+        metadata={"doc": "π-Distill student term: A(R) (the paper's J_S) or the teacher's KL-shaped A (official code)"},
     )
     adv_std: Literal["unbiased", "population", "none"] = dataclasses.field(
         default="unbiased", metadata={"doc": "group advantage std (see grpo.Args.adv_std)"}
@@ -123,13 +127,15 @@ def credit(rewards: torch.Tensor, group_size: int, args: Args, *, logp_teacher: 
            logp_student: torch.Tensor, mask: torch.Tensor) -> dict[str, torch.Tensor]:
     """Per-row advantages `[N]` from outcome rewards `[N]` and the rollout-time response log-probs.
 
-    π-Distill: `adv_teacher = A(R − β Σ(logp_T − logp_S))` (J_T's KL, in the return), `adv = A(R)` (J_S's).
+    π-Distill: `adv_teacher = A(R − β Σ(logp_T − logp_S))` (J_T's KL, in the return), `adv = A(R)` (J_S's;
+    `student_advantage="teacher"`: the teacher's, as the official code does).
     OPSD: `adv = A(R − β Σ(logp_S − logp_T))` (`opsd_kl="reward"`) or `A(R)` (`"full"`).
     """
     if args.mode == "pi_distill":
         shaped = shaped_returns(rewards, logp_teacher, logp_student, mask, args.beta)
-        return {"adv_teacher": _adv(shaped, group_size, args), "adv": _adv(rewards, group_size, args),
-                "shaped_return": shaped.float()}
+        teacher = _adv(shaped, group_size, args)
+        student = teacher if args.student_advantage == "teacher" else _adv(rewards, group_size, args)
+        return {"adv_teacher": teacher, "adv": student, "shaped_return": shaped.float()}
     if args.opsd_kl == "full":
         return {"adv": _adv(rewards, group_size, args)}
     shaped = shaped_returns(rewards, logp_student, logp_teacher, mask, args.beta)

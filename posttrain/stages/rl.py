@@ -280,17 +280,19 @@ def algorithm_of(args):
     return sys.modules[type(args).__module__]
 
 
-def engine_options(ctx: StageContext, learner) -> dict:
+def engine_options(ctx: StageContext, learner, train=None, prompt_length: int | None = None) -> dict:
     """What `make_engine` needs for the stage's engine: the learner's module (hf shares it; vllm syncs from it),
-    and for vllm the checkpoint it starts from and its settings."""
-    spec, t = ctx.stage.spec, ctx.stage.train
+    and for vllm the checkpoint it starts from and its settings. `train`: the sampling settings of the policy
+    the engine serves (default: the stage's `args`; TTCS's synthesizer has its own); `prompt_length`: the longest
+    prompt it will see (default `data.max_length`)."""
+    spec, t = ctx.stage.spec, train or ctx.stage.train
     options = {"model": learner.unwrapped(), "tokenizer": ctx.tokenizer}
     if spec.engine == "vllm":
         if getattr(ctx.stage.algo, "tis_cap", None) is not None and (t.top_k or t.top_p < 1):
             raise UserError(f"stages.{ctx.stage.name}: tis_cap needs the sampler's log-probs, which the vllm engine "
                             f"returns only without top-k / top-p truncation (set top_k: 0 and top_p: 1.0)")
         settings = spec.vllm.model_dump()
-        settings["max_model_len"] = settings["max_model_len"] or spec.data.max_length + t.max_tokens
+        settings["max_model_len"] = settings["max_model_len"] or (prompt_length or spec.data.max_length) + t.max_tokens
         options.update(path=str(ctx.init_path), seed=ctx.seed, **settings)
     return options
 

@@ -56,7 +56,7 @@ def load_questions(ctx: StageContext) -> Questions:
 class Policy:
     """One of the two policies: its learner, rollout engine, sampling settings and GRPO settings."""
 
-    def __init__(self, ctx, train, args, total_steps: int, alongside: bool):
+    def __init__(self, ctx, train, args, total_steps: int, alongside: bool, prompt_length: int):
         from posttrain.rollout.base import SamplingParams, make_engine
 
         self.train, self.args = train, args
@@ -64,7 +64,7 @@ class Policy:
         self.updates = train.prompts_per_step * train.group_size // self.batch_size
         self.learner = Learner(ctx.accelerator, ctx.recipe.model, train.model_copy(update={"batch_size": self.batch_size}),
                                total_steps * self.updates, ctx.init_path, alongside=alongside)
-        self.engine = make_engine(ctx.stage.spec.engine, **rl.engine_options(ctx, self.learner))
+        self.engine = make_engine(ctx.stage.spec.engine, **rl.engine_options(ctx, self.learner, train, prompt_length))
         self.temperature = rl._temperature(train)
         self.sampling = lambda n, seed: SamplingParams(
             n=n, temperature=train.temperature, top_p=train.top_p, top_k=train.top_k,
@@ -147,8 +147,8 @@ def run(ctx: StageContext) -> Path:
                               add_special_tokens=False)["input_ids"]
     solver_ids = [render(q) for q in questions.raw]
     synth_ids = [render(spec.synthesizer.template.format(question=q)) for q in questions.raw]
-    solver = Policy(ctx, t, args, t.steps, alongside=False)
-    synth = Policy(ctx, synth_train, synth_args, t.steps, alongside=True)
+    solver = Policy(ctx, t, args, t.steps, alongside=False, prompt_length=spec.data.max_length)
+    synth = Policy(ctx, synth_train, synth_args, t.steps, alongside=True, prompt_length=max(map(len, synth_ids)))
     pair = PolicyPair(solver, synth)
     ref_model = None
     if args.kl_coef > 0 or synth_args.kl_coef > 0:  # both policies start from the same model: one frozen copy
