@@ -79,3 +79,31 @@ def ttcs_recipe(data: Path, test_file: Path, steps: int = 2, **args) -> dict:
                  "diversity_tokens": "chars", "agreement_low": 0.0, "agreement_high": 1.0, **args},
     }
     return r
+
+
+def tiny_overrides(data: Path, stage: str, quickstart: bool = False) -> list[str]:
+    """Point a shipped recipe at a tiny model built here, local data and small batches, no eval (`quickstart`:
+    also shrink its SFT warm start to 2 steps on the toy data)."""
+    out = [
+        "model.path=null", "model.attn_implementation=null", "model.gradient_checkpointing=false", "model.lora=null",
+        f"model.new={{hidden: 32, layers: 2, heads: 4, kv_heads: 2, max_position: 64, vocab_size: 300, "
+        f"tokenizer_corpus: [{data}/corpus.txt]}}",
+        "precision=fp32", "tracking.trackers=[]", "tracking.progress=false", "eval=null",
+        f"stages.{stage}.data.template=plain", f"stages.{stage}.data.system_prompt=null", f"stages.{stage}.data.rename={{}}",
+        f"stages.{stage}.data.max_length=16", f"stages.{stage}.data.prompt_column=prompt",
+    ]
+    if quickstart:
+        out += ["stages.sft.args.steps=2", f"stages.sft.data.path={data}/train.jsonl", "stages.sft.args.batch_size=8",
+                "stages.sft.args.micro_batch_size=8", "stages.sft.data.max_length=32"]
+    return out
+
+
+def run_two_steps(recipe: Path, overrides: list[str], run_dir: Path, stage: str) -> Path:
+    """Run a recipe with overrides in-process; the stage must log steps 1 and 2."""
+    from posttrain import pipeline
+    from posttrain.recipe import load_recipe
+
+    pipeline.run(load_recipe(recipe, overrides), run_dir=run_dir)
+    records = [json.loads(l) for l in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records if r["stage"] == stage] == [1, 2]
+    return run_dir

@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from helpers import recipe_dict, write_addition_data, write_recipe
+from helpers import recipe_dict, run_two_steps, tiny_overrides, write_addition_data, write_recipe
 from posttrain import pipeline
 from posttrain.algorithms import distill, grpo
 from posttrain.recipe import load_recipe
@@ -206,22 +206,14 @@ def test_distill_stage_runs_two_steps(tmp_path, mode, kl):
 @pytest.mark.parametrize("name", ["distill/pi_distill_math.yaml", "distill/opsd_math.yaml", "quickstart/distill.yaml",
                                   "quickstart/opsd.yaml"])
 def test_shipped_distill_recipes_run_two_steps_on_a_tiny_model(tmp_path, name):
-    from test_ttcs import _tiny
-
     data = write_addition_data(tmp_path / "d")
     rows = [json.loads(l) for l in (data / "train.jsonl").read_text().splitlines()]
     (data / "hinted.jsonl").write_text("".join(json.dumps({**r, "solution": r["answer"]}) + "\n" for r in rows))
     small = {"steps": 2, "prompts_per_step": 4, "group_size": 4, "batch_size": 8, "micro_batch_size": 4, "max_tokens": 5}
-    overrides = _tiny(data, "distill") + [
+    overrides = tiny_overrides(data, "distill", quickstart=name.startswith("quickstart")) + [
         f"stages.distill.data.path={data}/hinted.jsonl", "stages.distill.privileged.column=solution",
         "stages.distill.privileged.template={privileged};{prompt}", "stages.distill.rewards=[{name: exact}]",
         *(f"stages.distill.args.{k}={v}" for k, v in small.items()),
     ]
-    if name.startswith("quickstart"):
-        overrides += ["stages.sft.args.steps=2", f"stages.sft.data.path={data}/train.jsonl", "stages.sft.args.batch_size=8",
-                      "stages.sft.args.micro_batch_size=8", "stages.sft.data.max_length=32"]
-    run_dir = tmp_path / "run"
-    pipeline.run(load_recipe(REPO / "recipes" / name, overrides), run_dir=run_dir)
-    records = [json.loads(l) for l in (run_dir / "metrics.jsonl").read_text().splitlines() if '"distill"' in l]
-    assert [r["step"] for r in records] == [1, 2]
+    run_dir = run_two_steps(REPO / "recipes" / name, overrides, tmp_path / "run", "distill")
     assert (run_dir / "distill" / "final" / "model.safetensors").is_file()

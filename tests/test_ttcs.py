@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from helpers import ttcs_recipe as _ttcs_recipe, write_addition_data, write_recipe
+from helpers import run_two_steps, tiny_overrides, ttcs_recipe as _ttcs_recipe, write_addition_data, write_recipe
 from posttrain import pipeline
 from posttrain.algorithms import ttcs
 from posttrain.recipe import load_recipe
@@ -172,35 +172,17 @@ def test_ttcs_recipe_errors_name_the_key(tmp_path):
         load_recipe(write_recipe(tmp_path, r))
 
 
-def _tiny(data: Path, stage: str) -> list[str]:
-    """Point a shipped recipe at a tiny model built here, local data and small batches, 2 steps, no eval."""
-    return [
-        "model.path=null", "model.attn_implementation=null", "model.gradient_checkpointing=false", "model.lora=null",
-        f"model.new={{hidden: 32, layers: 2, heads: 4, kv_heads: 2, max_position: 64, vocab_size: 300, "
-        f"tokenizer_corpus: [{data}/corpus.txt]}}",
-        "precision=fp32", "tracking.trackers=[]", "tracking.progress=false", "eval=null",
-        f"stages.{stage}.data.template=plain", f"stages.{stage}.data.system_prompt=null", f"stages.{stage}.data.rename={{}}",
-        f"stages.{stage}.data.max_length=16", f"stages.{stage}.data.prompt_column=prompt",
-    ]
-
-
 @pytest.mark.parametrize("name", ["ttcs/aime24_qwen2.5_math_7b.yaml", "ttcs/math500_qwen2.5_math_7b.yaml",
                                   "quickstart/ttcs.yaml"])
 def test_shipped_ttcs_recipes_run_two_steps_on_a_tiny_model(tmp_path, name):
     data = write_addition_data(tmp_path / "d")
     small = {"steps": 2, "prompts_per_step": 4, "group_size": 2, "batch_size": 8, "micro_batch_size": 4,
              "max_tokens": 6, "kl_coef": 0.0}
-    overrides = _tiny(data, "ttcs") + [
+    overrides = tiny_overrides(data, "ttcs", quickstart=name.startswith("quickstart")) + [
         f"stages.ttcs.data.path={data}/test.jsonl", "stages.ttcs.synthesizer.template={question}?",
         *(f"stages.ttcs.synthesizer.args.{k}={v}" for k, v in small.items()),
         *(f"stages.ttcs.args.{k}={v}" for k, v in {**small, "synthetic_per_step": 2, "judge_samples": 2,
                                                    "group_size": 4, "label_column": "answer"}.items()),
     ]
-    if name.startswith("quickstart"):
-        overrides += ["stages.sft.args.steps=2", f"stages.sft.data.path={data}/train.jsonl", "stages.sft.args.batch_size=8",
-                      "stages.sft.args.micro_batch_size=8", "stages.sft.data.max_length=32"]
-    run_dir = tmp_path / "run"
-    pipeline.run(load_recipe(REPO / "recipes" / name, overrides), run_dir=run_dir)
-    records = [json.loads(l) for l in (run_dir / "metrics.jsonl").read_text().splitlines() if '"ttcs"' in l]
-    assert [r["step"] for r in records] == [1, 2]
+    run_dir = run_two_steps(REPO / "recipes" / name, overrides, tmp_path / "run", "ttcs")
     assert (run_dir / "ttcs" / "final" / "synthesizer" / "model.safetensors").is_file()
