@@ -173,9 +173,9 @@ def pi_distill_loss(logp_teacher: torch.Tensor, logp_student: torch.Tensor, batc
     loss = args.alpha * loss_t + (1 - args.alpha) * loss_s
     loss = torch.where(m, loss, torch.zeros_like(loss))
     return LossOutput(loss=loss, mask=m, metrics={
-        "loss_teacher": _msum(loss_t, m), "loss_student": _msum(loss_s, m), "kl_teacher_student": _msum(kl_s, m),
-        "student_ratio": _msum(ratio_s, m),
-        "student_clip_frac": _msum((ratio_s - 1).abs() > args.clip, m),
+        "loss_teacher": grpo._msum(loss_t, m), "loss_student": grpo._msum(loss_s, m), "kl_teacher_student": grpo._msum(kl_s, m),
+        "student_ratio": grpo._msum(ratio_s, m),
+        "student_clip_frac": grpo._msum((ratio_s - 1).abs() > args.clip, m),
     })
 
 
@@ -185,14 +185,14 @@ def opsd_loss(logp_student: torch.Tensor, batch: dict, args: Args, kl: torch.Ten
     ratio; default: the live log-probs detached) and `logp_teacher` (for the KL metric)."""
     m = batch["mask"].bool()
     loss = clipped_surrogate(logp_student, batch.get("logp_student", logp_student.detach()), batch["adv"], args.clip)
-    metrics = {"pg_loss": _msum(loss, m)}
+    metrics = {"pg_loss": grpo._msum(loss, m)}
     if args.opsd_kl == "full":
         if kl is None:
             raise ValueError("opsd_kl='full' needs the per-position reverse KL (full_reverse_kl)")
         loss = loss + args.beta * kl
-        metrics["kl_student_teacher"] = _msum(kl, m)
+        metrics["kl_student_teacher"] = grpo._msum(kl, m)
     elif "logp_teacher" in batch:
-        metrics["kl_student_teacher"] = _msum(logp_student.detach() - batch["logp_teacher"], m)
+        metrics["kl_student_teacher"] = grpo._msum(logp_student.detach() - batch["logp_teacher"], m)
     loss = torch.where(m, loss, torch.zeros_like(loss))
     return LossOutput(loss=loss, mask=m, metrics=metrics)
 
@@ -208,9 +208,3 @@ def sampler_role(args: Args) -> str:
 
 def needs_reference(args: Args) -> bool:
     return False  # the teacher is the same weights: no frozen copy
-
-
-def _msum(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    v = values.detach()
-    v = v.float() if v.dtype == torch.bool else v
-    return torch.where(mask, v, torch.zeros_like(v)).sum()

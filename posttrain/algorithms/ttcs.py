@@ -38,6 +38,7 @@ from collections import Counter
 from typing import Literal, Sequence
 
 from posttrain.algorithms import grpo
+from posttrain.evaluation.metrics import majority_index
 
 
 @dataclasses.dataclass(frozen=True)
@@ -84,14 +85,12 @@ class Args(grpo.Args):
 
 
 def majority_vote(keys: Sequence[str | None]) -> tuple[str | None, float]:
-    """(label, agreement): the most common non-None key (ties: voted first) and the share of all samples
-    that voted for it; (None, 0.0) when no sample has an answer."""
-    counts = Counter(k for k in keys if k is not None)
-    if not counts:
+    """(label, agreement): the most common non-None key (ties: voted first, as `maj@k` in evaluation) and the
+    share of all samples that voted for it; (None, 0.0) when no sample has an answer."""
+    index = majority_index(list(keys))
+    if index is None:
         return None, 0.0
-    best = max(counts.values())
-    label = next(k for k in keys if k is not None and counts[k] == best)
-    return label, best / len(keys)
+    return keys[index], sum(k == keys[index] for k in keys) / len(keys)
 
 
 def pseudo_rewards(keys: Sequence[str | None], label: str | None) -> list[float]:
@@ -111,14 +110,13 @@ def bell_reward(share: float, exponent: float = 1.2) -> float:
     return max(4.0 * share * (1.0 - share), 0.0) ** exponent
 
 
+_NO_ANSWER = "\0none"  # stands in for None where a missing answer must be able to win the vote
+
+
 def judge_share(keys: Sequence[str | None]) -> float:
     """Majority share for the synthesizer's reward: None is an answer too, and a None majority gives 0."""
-    counts = Counter("\0none" if k is None else k for k in keys)
-    if not counts:
-        return 0.0
-    best = max(counts.values())
-    top = next(("\0none" if k is None else k) for k in keys if counts["\0none" if k is None else k] == best)
-    return 0.0 if top == "\0none" else best / len(keys)
+    label, share = majority_vote([_NO_ANSWER if k is None else k for k in keys])
+    return 0.0 if label in (None, _NO_ANSWER) else share
 
 
 _QUESTION = re.compile(r"<question>(.*?)</question>", re.DOTALL)

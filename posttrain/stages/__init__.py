@@ -33,8 +33,8 @@ STAGE_KINDS: dict[str, StageKind] = {
     "nft": StageKind(args=nft.Args, runner="posttrain.stages.rl:run", rl=True),
     # SPO (self-play preference optimisation): a judge's win rates are the rewards, the loss is GRPO's
     "spo": StageKind(args=grpo.Args, runner="posttrain.stages.rl:run", rl=True, judge=True),
-    # π-Distill and OPSD: one module, two modes (`args.mode`), the teacher is the model with privileged info
     # TTCS: a synthesizer and a solver co-evolve on unlabeled test questions (majority-vote pseudo-labels)
     "ttcs": StageKind(args=ttcs.Args, runner="posttrain.stages.ttcs:run", rl=True, synthesizer=True),
+    # π-Distill and OPSD: one module, two modes (`args.mode`), the teacher is the model with privileged info
     "distill": StageKind(args=distill.Args, runner="posttrain.stages.distill:run", rl=True, privileged=True),
 }

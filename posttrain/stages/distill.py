@@ -63,6 +63,10 @@ def build_pair_rows(groups, trains, prompts: dict[str, rl.PromptSet]) -> list[di
     return rows
 
 
+def _stack(rows: list[dict], key: str, width: int) -> torch.Tensor:
+    return torch.stack([torch.nn.functional.pad(r[key], (0, width - r[key].shape[0])) for r in rows])
+
+
 def collate_pair(rows: list[dict], pad_id: int) -> dict:
     """Both roles' right-padded inputs (`<role>_input_ids`, `<role>_attention_mask`, `<role>_start`) and the
     response-aligned `mask` `[n, T]` plus per-row credit and rollout-time log-probs, when attached."""
@@ -80,7 +84,7 @@ def collate_pair(rows: list[dict], pad_id: int) -> dict:
         batch[name] = torch.tensor([r["credit"][name] for r in rows], dtype=torch.float32)
     for key in ("logp_teacher", "logp_student"):
         if key in rows[0]:
-            batch[key] = torch.stack([torch.nn.functional.pad(r[key], (0, width - r[key].shape[0])) for r in rows])
+            batch[key] = _stack(rows, key, width)
     return batch
 
 
@@ -117,10 +121,6 @@ def _attach_role_logprobs(learner, rows: list[dict], pad_id: int, micro: int, te
                 rows[i][f"logp_{role}"] = row[: rows[i]["length"]].float().cpu()
 
 
-def _stack(rows: list[dict], key: str, width: int) -> torch.Tensor:
-    return torch.stack([torch.nn.functional.pad(r[key], (0, width - r[key].shape[0])) for r in rows])
-
-
 def run(ctx: StageContext) -> Path:
     from posttrain.reward import Scorer
     from posttrain.rollout.base import make_engine
@@ -151,28 +151,21 @@ def run(ctx: StageContext) -> Path:
         mask = torch.zeros(len(rows), width)
         for i, r in enumerate(rows):
             mask[i, : r["length"]] = 1.0
+        logp = {role: _stack(rows, f"logp_{role}", width) for role in ROLES}
         rewards = torch.tensor([x for g in groups for x in g.rewards], dtype=torch.float32)
-        credit = distill.credit(rewards, t.group_size, args, logp_teacher=_stack(rows, "logp_teacher", width),
-                                logp_student=_stack(rows, "logp_student", width), mask=mask)
+        credit = distill.credit(rewards, t.group_size, args, logp_teacher=logp["teacher"],
+                                logp_student=logp["student"], mask=mask)
         for k, row in enumerate(rows):
             row["credit"] = {name: float(values[k]) for name, values in credit.items() if name != "shaped_return"}
-        start = time.perf_counter()
-        engine.sleep()
-        learn: dict[str, float] = {}
-        for mini in chunks(list(range(len(rows))), per_rank):
-            micro = [collate_pair([rows[i] for i in idx], pad_id) for idx in chunks(mini, t.micro_batch_size)]
-            learn = learner.train_step(micro, loss_fn, reduction)
-        time_update = time.perf_counter() - start
-        start = time.perf_counter()
-        engine.wake()
-        engine.load_weights(learner.unwrapped().named_parameters())
+        minis = ([collate_pair([rows[i] for i in idx], pad_id) for idx in chunks(mini, t.micro_batch_size)]
+                 for mini in chunks(list(range(len(rows))), per_rank))
+        learn, time_update, time_sync = rl.update_and_sync(learner, engine, minis, loss_fn, reduction)
         metrics = {**learn, **rl._rollout_metrics(acc, sampler.first, sampler.results, sampler.stats)}
-        sampled_kl = ((_stack(rows, "logp_teacher", width) - _stack(rows, "logp_student", width)) * mask).sum(-1)
+        sampled_kl = ((logp["teacher"] - logp["student"]) * mask).sum(-1)
         metrics["distill/teacher_minus_student_logp"] = float(sampled_kl.mean())
         if "shaped_return" in credit:
             metrics["distill/shaped_return"] = float(credit["shaped_return"].mean())
-        metrics.update({"time/logprobs": time_logprobs, "time/update": time_update,
-                        "time/sync": time.perf_counter() - start})
+        metrics.update({"time/logprobs": time_logprobs, "time/update": time_update, "time/sync": time_sync})
         return metrics
 
     try:

@@ -297,6 +297,22 @@ def engine_options(ctx: StageContext, learner, train=None, prompt_length: int | 
     return options
 
 
+def update_and_sync(learner, engine, minis, loss_fn, reduction) -> tuple[dict, float, float]:
+    """One optimizer step per mini-batch (`minis`: lists of collated micro-batches, built lazily) with the engine
+    asleep (its accelerator memory freed; a no-op on CPU and for `hf`), then the engine woken and given the new
+    weights (`hf`: a no-op, it shares the module). Returns the last step's metrics, update and sync seconds."""
+    start = time.perf_counter()
+    engine.sleep()
+    learn: dict[str, float] = {}
+    for micro in minis:
+        learn = learner.train_step(micro, loss_fn, reduction)
+    time_update = time.perf_counter() - start
+    start = time.perf_counter()
+    engine.wake()
+    engine.load_weights(learner.unwrapped().named_parameters())
+    return learn, time_update, time.perf_counter() - start
+
+
 def run(ctx: StageContext) -> Path:
     from posttrain.models import load_causal_lm
     from posttrain.reward import Scorer
@@ -336,20 +352,15 @@ def run(ctx: StageContext) -> Path:
         start = time.perf_counter()
         _attach_logprobs(learner, ref_model, rows, pad_id, t.micro_batch_size, temperature, need_old)
         time_logprobs = time.perf_counter() - start
-        learn: dict[str, float] = {}
-        start = time.perf_counter()
-        engine.sleep()  # free the engine's accelerator memory for the update (a no-op on CPU and for `hf`)
-        for epoch in range(epochs):
-            g = torch.Generator().manual_seed(ctx.seed + 31 * step + epoch)
-            order = torch.randperm(len(rows), generator=g).tolist() if updates_per_step > 1 else list(range(len(rows)))
-            for mini in chunks(order, per_rank):
-                micro = [collate_rl([rows[i] for i in idx], pad_id) for idx in chunks(mini, t.micro_batch_size)]
-                learn = learner.train_step(micro, loss_fn, reduction)
-        time_update = time.perf_counter() - start
-        start = time.perf_counter()
-        engine.wake()
-        engine.load_weights(learner.unwrapped().named_parameters())  # hf: a no-op (it shares the module)
-        time_sync = time.perf_counter() - start
+
+        def minis():
+            for epoch in range(epochs):
+                g = torch.Generator().manual_seed(ctx.seed + 31 * step + epoch)
+                order = torch.randperm(len(rows), generator=g).tolist() if updates_per_step > 1 else list(range(len(rows)))
+                for mini in chunks(order, per_rank):
+                    yield [collate_rl([rows[i] for i in idx], pad_id) for idx in chunks(mini, t.micro_batch_size)]
+
+        learn, time_update, time_sync = update_and_sync(learner, engine, minis(), loss_fn, reduction)
         metrics = {**learn, **_rollout_metrics(acc, sampler.first, sampler.results, sampler.stats)}
         gen_tokens = sum(len(c.token_ids) for g in groups for c in g.completions)
         metrics.update({"time/logprobs": time_logprobs, "time/update": time_update, "time/sync": time_sync,

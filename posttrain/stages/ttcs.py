@@ -83,13 +83,9 @@ class Policy:
         rl._attach_logprobs(self.learner, ref_model, rows, pad_id, t.micro_batch_size, self.temperature, self.updates > 1)
         loss_fn = partial(rl.rl_loss, algo=grpo, args=self.args, temperature=self.temperature)
         reduction = grpo.reduction(self.args, t.max_tokens)
-        self.engine.sleep()
-        learn = {}
-        for mini in chunks(list(range(len(rows))), self.batch_size // acc.num_processes):
-            micro = [rl.collate_rl([rows[i] for i in idx], pad_id) for idx in chunks(mini, t.micro_batch_size)]
-            learn = self.learner.train_step(micro, loss_fn, reduction)
-        self.engine.wake()
-        self.engine.load_weights(self.learner.unwrapped().named_parameters())
+        minis = ([rl.collate_rl([rows[i] for i in idx], pad_id) for idx in chunks(mini, t.micro_batch_size)]
+                 for mini in chunks(list(range(len(rows))), self.batch_size // acc.num_processes))
+        learn, _, _ = rl.update_and_sync(self.learner, self.engine, minis, loss_fn, reduction)
         return learn
 
 
@@ -169,9 +165,10 @@ def run(ctx: StageContext) -> Path:
         flat_sources = [i for i in sources for _ in range(synth_train.group_size)]
         # a variant the solver cannot read (longer than data.max_length tokens) counts as unparsable
         candidates = [ttcs.parse_question(c.text) for cs in outs for c in cs]
-        candidates = [c if c is not None and len(render(c)) <= spec.data.max_length else None for c in candidates]
+        candidate_ids = {c: render(c) for c in candidates if c is not None}  # the solver's prompts, tokenized once
+        candidates = [c if c is not None and len(candidate_ids[c]) <= spec.data.max_length else None for c in candidates]
         parsed = [k for k, c in enumerate(candidates) if c is not None]
-        judged = solver.generate([render(candidates[k]) for k in parsed], args.judge_samples, seed + 1)
+        judged = solver.generate([candidate_ids[candidates[k]] for k in parsed], args.judge_samples, seed + 1)
         shares = [0.0] * len(candidates)
         for k, answers in zip(parsed, judged):
             shares[k] = ttcs.judge_share([answer_key(a.text) for a in answers])
@@ -192,7 +189,7 @@ def run(ctx: StageContext) -> Path:
                 seen.add(candidates[k])
         tests = local(test_order.batch(step))[: n_test // acc.num_processes] if n_test else []
         fill = local(fill_order.batch(step))[: want - len(chosen)]  # too few variants: more test questions
-        batch_ids = [solver_ids[i] for i in tests + fill] + [render(c) for c in chosen]
+        batch_ids = [solver_ids[i] for i in tests + fill] + [candidate_ids[c] for c in chosen]
         is_synthetic = [False] * (len(tests) + len(fill)) + [True] * len(chosen)
         outs = solver.generate(batch_ids, t.group_size, seed + 2)
         rewards, trains, agreements, hits = [], [], [], []
