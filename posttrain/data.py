@@ -47,6 +47,33 @@ def load_rows(path: str, split: str = "train", name: str | None = None, limit: i
     return ds
 
 
+def load_data(spec, split: str | None = None):
+    """The rows of a `DataSpec`: any `load_rows` source, or a grounding annotation file (`format`: charades,
+    activitynet, qvhighlights; rows get `video`, `query`, `span`, `duration`), renamed, then once per
+    `prompt_template`. A template fills the prompt column from the row's columns; with `video:` it is kept in
+    a `_template` column and filled when the video is read (Charades-STA rows get their duration from it)."""
+    import datasets
+
+    if spec.format == "auto":
+        ds = load_rows(spec.path, split or spec.split, spec.name, spec.limit, spec.rename)
+    else:
+        from posttrain.evaluation.loaders import load_benchmark_rows
+
+        ds = datasets.Dataset.from_list(load_benchmark_rows(spec.path, spec.format, limit=spec.limit))
+        if spec.rename:
+            ds = ds.rename_columns(dict(spec.rename))
+    templates = [spec.prompt_template] if isinstance(spec.prompt_template, str) else spec.prompt_template
+    if not templates:
+        return ds
+    copies = [ds.add_column("_template", [t] * len(ds)) for t in templates]
+    ds = datasets.concatenate_datasets(copies) if len(copies) > 1 else copies[0]
+    if spec.video is None:
+        from posttrain.video import prompt_text
+
+        ds = ds.map(lambda row: {spec.prompt_column: prompt_text(row, spec)}).remove_columns("_template")
+    return ds
+
+
 # ------------------------------------------------------------------------------------------ rendering
 
 

@@ -77,6 +77,7 @@ class Learner:
         self.train = train
         self.total_steps = total_steps
         self.step = 0
+        self.init_path = init_path
         self.accumulation = train.batch_size // (train.micro_batch_size * accelerator.num_processes)
         model = load_causal_lm(init_path, model_spec)
         if model_spec.lora is not None:
@@ -221,6 +222,13 @@ class Learner:
             state_dict = model.state_dict()
         model.save_pretrained(str(directory), state_dict=state_dict, safe_serialization=True)
         tokenizer.save_pretrained(str(directory))
+        if hasattr(model.config, "vision_config"):  # the video preprocessing settings travel with the weights
+            import shutil
+
+            from posttrain.video import processor_files
+
+            for file in processor_files(self.init_path):
+                shutil.copy(file, Path(directory) / file.name)
 
     def unwrapped(self):
         return self.accelerator.unwrap_model(self.model)

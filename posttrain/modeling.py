@@ -53,7 +53,8 @@ CHAT_TEMPLATE = (
     "{%- if add_generation_prompt -%}{{- '<|im_start|>assistant\\n' -}}{%- endif -%}"
 )
 
-ARCHS = ("qwen3", "llama")
+ARCHS = ("qwen3", "llama", "qwen2_5_vl")
+VISION_ARCHS = ("qwen2_5_vl",)  # vision-language: a video/image tower in front of the language model
 
 
 class ModelingError(UserError, ValueError):
@@ -72,6 +73,7 @@ def build_tokenizer(
     individual_digits: bool = True,
     min_frequency: int = 2,
     model_max_length: int | None = None,
+    extra_special_tokens: tuple[str, ...] = (),
 ) -> "PreTrainedTokenizerFast":
     """Train a byte-level BPE tokenizer on `corpus_files` and wrap it for transformers.
 
@@ -86,10 +88,11 @@ def build_tokenizer(
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 
     files = _check_corpus(corpus_files)
-    if vocab_size < 256 + len(SPECIAL_TOKENS):
+    specials = SPECIAL_TOKENS + tuple(extra_special_tokens)
+    if vocab_size < 256 + len(specials):
         raise ModelingError(
-            f"vocab_size={vocab_size} is too small: the byte alphabet (256) and {len(SPECIAL_TOKENS)} "
-            f"special tokens need at least {256 + len(SPECIAL_TOKENS)}"
+            f"vocab_size={vocab_size} is too small: the byte alphabet (256) and {len(specials)} "
+            f"special tokens need at least {256 + len(specials)}"
         )
 
     tok = Tokenizer(models.BPE())
@@ -105,12 +108,12 @@ def build_tokenizer(
     trainer = trainers.BpeTrainer(
         vocab_size=vocab_size,
         min_frequency=min_frequency,
-        special_tokens=list(SPECIAL_TOKENS),
+        special_tokens=list(specials),
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
         show_progress=False,
     )
     tok.train([str(f) for f in files], trainer)
-    return _wrap_tokenizer(tok, model_max_length)
+    return _wrap_tokenizer(tok, model_max_length, tuple(extra_special_tokens))
 
 
 def _check_corpus(corpus_files: Iterable[str | Path]) -> list[Path]:
@@ -124,7 +127,7 @@ def _check_corpus(corpus_files: Iterable[str | Path]) -> list[Path]:
     return files
 
 
-def _wrap_tokenizer(tok, model_max_length: int | None) -> "PreTrainedTokenizerFast":
+def _wrap_tokenizer(tok, model_max_length: int | None, extra: tuple[str, ...] = ()) -> "PreTrainedTokenizerFast":
     """Wrap a trained `tokenizers.Tokenizer` with our special tokens and chat template."""
     from transformers import PreTrainedTokenizerFast
 
@@ -134,7 +137,7 @@ def _wrap_tokenizer(tok, model_max_length: int | None) -> "PreTrainedTokenizerFa
         bos_token=None,
         eos_token=EOS_TOKEN,
         pad_token=PAD_TOKEN,
-        additional_special_tokens=[IM_START_TOKEN],
+        additional_special_tokens=[IM_START_TOKEN, *extra],
         clean_up_tokenization_spaces=False,
         **kwargs,
     )
@@ -184,6 +187,8 @@ def build_config(
         pad_token_id=tokenizer.pad_token_id,
         dtype="float32",
     )
+    if arch == "qwen2_5_vl":
+        return _vision_config(tokenizer, common)
     if arch == "qwen3":
         from transformers import Qwen3Config
 
@@ -191,6 +196,31 @@ def build_config(
     from transformers import LlamaConfig
 
     return LlamaConfig(**common)
+
+
+def _vision_config(tokenizer, text: dict):
+    """A tiny Qwen2.5-VL: the text model of `text`, a 2-block vision tower (hidden 32) whose output width is the
+    text hidden size, M-RoPE sections summing to head_dim / 2 (Qwen's 16:24:24 proportions)."""
+    from transformers import Qwen2_5_VLConfig
+
+    from posttrain.video import IMAGE_PAD, VIDEO_PAD, VISION_END, VISION_START
+
+    half = text["head_dim"] // 2
+    third = half * 3 // 8
+    text = {k: v for k, v in text.items() if k != "head_dim"}
+    text["rope_parameters"] = {"rope_type": "default", "rope_theta": 1_000_000.0,
+                               "mrope_section": [half - 2 * third, third, third]}
+    vocab = tokenizer.get_vocab()
+    return Qwen2_5_VLConfig(
+        text_config=text,
+        vision_config={"depth": 2, "hidden_size": 32, "intermediate_size": 64, "num_heads": 2,
+                       "out_hidden_size": text["hidden_size"], "patch_size": 14, "spatial_merge_size": 2,
+                       "temporal_patch_size": 2, "tokens_per_second": 2, "window_size": 112,
+                       "fullatt_block_indexes": [1]},
+        image_token_id=vocab[IMAGE_PAD], video_token_id=vocab[VIDEO_PAD],
+        vision_start_token_id=vocab[VISION_START], vision_end_token_id=vocab[VISION_END],
+        tie_word_embeddings=text["tie_word_embeddings"],
+    )
 
 
 def _check_shape(arch: str, hidden: int, heads: int, kv_heads: int) -> None:
@@ -214,10 +244,11 @@ def build_model(config, tokenizer: "PreTrainedTokenizerFast", seed: int = 0) -> 
     with `<|endoftext|>` without callers passing them.
     """
     import torch
-    from transformers import AutoModelForCausalLM
+    from transformers import AutoModelForCausalLM, AutoModelForImageTextToText
 
     torch.manual_seed(seed)
-    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    auto = AutoModelForImageTextToText if hasattr(config, "vision_config") else AutoModelForCausalLM
+    model = auto.from_config(config, dtype=torch.float32)
     gen = model.generation_config
     gen.eos_token_id = tokenizer.eos_token_id
     gen.pad_token_id = tokenizer.pad_token_id
@@ -272,11 +303,15 @@ def new_model(
 def _new_model(out_dir, *, tokenizer_corpus, vocab_size, individual_digits, seed, **shape):
     """`new_model` that also hands back the built model and tokenizer (for the CLI summary line)."""
     _check_shape(shape["arch"], shape["hidden"], shape["heads"], shape["kv_heads"])
+    from posttrain import video
+
+    vision = shape["arch"] in VISION_ARCHS
     tokenizer = build_tokenizer(
         tokenizer_corpus,
         vocab_size=vocab_size,
         individual_digits=individual_digits,
         model_max_length=shape["max_position"],
+        extra_special_tokens=(video.VISION_START, video.VISION_END, video.VIDEO_PAD, video.IMAGE_PAD) if vision else (),
     )
     config = build_config(tokenizer, **shape)
     model = build_model(config, tokenizer, seed=seed)
@@ -284,6 +319,8 @@ def _new_model(out_dir, *, tokenizer_corpus, vocab_size, individual_digits, seed
     out.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(out, safe_serialization=True)
     tokenizer.save_pretrained(out)
+    if vision:  # tiny frames: 28×28 to 56×56 pixels, i.e. 1 to 4 vision tokens per temporal patch
+        video.VisionProcessor(min_pixels=28 * 28, max_pixels=56 * 56).save_pretrained(out)
     return out, model, tokenizer
 
 

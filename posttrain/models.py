@@ -31,30 +31,59 @@ def load_tokenizer(path: str | Path, trust_remote_code: bool = False):
     return tok
 
 
+def is_vision_language(path: str | Path, trust_remote_code: bool = False) -> bool:
+    """Whether `path` holds a vision-language model (its config has a `vision_config`, e.g. Qwen2.5-VL)."""
+    from transformers import AutoConfig
+
+    try:
+        config = AutoConfig.from_pretrained(str(path), trust_remote_code=trust_remote_code)
+    except (OSError, ValueError) as err:
+        raise UserError(f"cannot load a model config from `{path}`: {err}") from None
+    return hasattr(config, "vision_config")
+
+
 def load_causal_lm(path: str | Path, spec):
-    """`AutoModelForCausalLM` from `path` with the recipe's dtype/attention settings (`spec`: ModelSpec)."""
-    from transformers import AutoModelForCausalLM
+    """The generating model at `path` with the recipe's dtype/attention settings (`spec`: ModelSpec):
+    `AutoModelForCausalLM`, or `AutoModelForImageTextToText` for a vision-language model (transformers maps
+    Qwen2.5-VL only there). `spec.freeze_vision` freezes the vision tower."""
+    from transformers import AutoModelForCausalLM, AutoModelForImageTextToText
 
     kwargs = {"dtype": torch_dtype(spec.dtype), "trust_remote_code": spec.trust_remote_code}
     if spec.attn_implementation:
         kwargs["attn_implementation"] = spec.attn_implementation
+    vision = is_vision_language(path, spec.trust_remote_code)
+    auto = AutoModelForImageTextToText if vision else AutoModelForCausalLM
     try:
-        model = AutoModelForCausalLM.from_pretrained(str(path), **kwargs)
+        model = auto.from_pretrained(str(path), **kwargs)
     except OSError as err:
         raise UserError(f"cannot load a model from `{path}`: {err}") from None
+    if vision and spec.freeze_vision:
+        vision_tower(model).requires_grad_(False)
     if spec.gradient_checkpointing:
         model.gradient_checkpointing_enable()
         model.config.use_cache = False
     return model
 
 
+def vision_tower(model):
+    """The vision encoder of a vision-language model (`model.model.visual` for Qwen2/2.5-VL)."""
+    inner = getattr(model, "model", model)
+    tower = getattr(inner, "visual", None) or getattr(model, "visual", None)
+    if tower is None:
+        raise UserError(f"{type(model).__name__} has no vision tower (`visual`) to freeze")
+    return tower
+
+
 def add_lora(model, lora):
-    """Wrap `model` with peft LoRA adapters (`lora`: LoraSpec)."""
+    """Wrap `model` with peft LoRA adapters (`lora`: LoraSpec). On a vision-language model the adapters go
+    on the language model only (the vision tower's linear layers are excluded) unless `lora.vision`."""
     from peft import LoraConfig, get_peft_model
 
     targets = lora.targets if lora.targets == "all-linear" else list(lora.targets)
+    exclude = None if lora.vision or not hasattr(model.config, "vision_config") else r".*\bvisual\b.*"
     config = LoraConfig(
-        r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout, target_modules=targets, task_type="CAUSAL_LM"
+        r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout, target_modules=targets, task_type="CAUSAL_LM",
+        exclude_modules=exclude,
     )
     return get_peft_model(model, config)
 

@@ -33,3 +33,26 @@ def tiny_lm_dir(tmp_path_factory):
     torch.manual_seed(0)
     AutoModelForCausalLM.from_config(config).save_pretrained(path)
     return path
+
+
+@pytest.fixture(scope="session")
+def grounding_data(tmp_path_factory):
+    """The synthetic grounding task, small: 6 train / 2 test videos (2 queries each), 8 s at 2 fps, 28×28."""
+    pytest.importorskip("av")
+    from posttrain.tasks.grounding import write
+
+    path = tmp_path_factory.mktemp("grounding")
+    write(path, n_train=6, n_test=2, seed=0)
+    return path
+
+
+@pytest.fixture(scope="session")
+def tiny_vlm_dir(grounding_data, tmp_path_factory):
+    """A random-init tiny Qwen2.5-VL (text hidden 32, 2 layers, vision depth 2) with its tokenizer and
+    preprocessor_config.json, built like the video quickstart's."""
+    from posttrain.modeling import new_model
+
+    path = tmp_path_factory.mktemp("tiny-vlm")
+    new_model(path, arch="qwen2_5_vl", hidden=32, layers=2, heads=2, kv_heads=1, max_position=128,
+              tokenizer_corpus=[grounding_data / "corpus.txt"], vocab_size=300)
+    return path

@@ -2,6 +2,7 @@
 
     posttrain eval MODEL --bench gsm8k,math500 [--n 16 --k 1,4,16] [--temperature 0.6 --top-p 0.95]
                    [--max-tokens 2048] [--engine hf|vllm] [--limit N] [--data NAME=PATH ...] [--out DIR]
+    posttrain eval CKPT --bench charades_sta|activitynet|qvhighlights --data PATH --videos DIR [--limit N]
     posttrain eval --predictions preds.jsonl --bench charades_sta --data PATH [--out DIR]
 
 MODEL is a hub id, a local HF directory, a run directory's checkpoint (`runs/x/grpo/final`), or a run directory
@@ -32,6 +33,8 @@ def add_eval_arguments(p) -> None:
     p.add_argument("--data", action="append", default=[], metavar="[NAME=]PATH",
                    help="data file of a benchmark (needed for sets posttrain does not ship); NAME= may be left "
                         "out with one benchmark")
+    p.add_argument("--videos", default=None, metavar="DIR",
+                   help="video directory of the grounding benchmarks (files named by the annotations' video ids)")
     p.add_argument("--predictions", default=None, metavar="FILE.jsonl", help="score this file instead of a model")
     p.add_argument("--out", default=None, help="output directory (default runs/eval/<model>-<time>)")
     p.add_argument("--batch-size", type=int, default=64, help="rows per generate call (hf engine)")
@@ -79,6 +82,8 @@ def overrides(ns) -> dict:
         out["metrics"] = {"k": _int_list(ns.k, "--k") if ns.k else default_ks(ns.n or 1)}
     if ns.limit is not None:
         out["limit"] = ns.limit
+    if getattr(ns, "videos", None):
+        out["video"] = {"dir": ns.videos}
     return out
 
 
@@ -122,10 +127,13 @@ def make_eval_engine(kind: str, model_path: str, dtype: str, batch_size: int):
     if kind != "hf":
         tokenizer = load_tokenizer(model_path)
         return make_engine(kind, model=None, tokenizer=tokenizer, path=model_path, dtype=name), tokenizer
-    from transformers import AutoModelForCausalLM
+    from transformers import AutoModelForCausalLM, AutoModelForImageTextToText
 
+    from posttrain.models import is_vision_language
+
+    auto = AutoModelForImageTextToText if is_vision_language(model_path) else AutoModelForCausalLM
     try:
-        model = AutoModelForCausalLM.from_pretrained(model_path, dtype=getattr(torch, name))
+        model = auto.from_pretrained(model_path, dtype=getattr(torch, name))
     except OSError as err:
         raise UserError(f"cannot load a model from `{model_path}`: {err}") from None
     model = model.to("cuda" if cuda else "cpu").eval()

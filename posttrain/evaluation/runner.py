@@ -7,8 +7,10 @@
 Every sample is graded by the spec's verifier in the Scorer's worker processes with its timeout, exactly as an
 RL reward is, so "correct" means the same in training and evaluation, and no answer can hang the run. A sample
 is correct when its score is ≥ `metrics.correct_at` (1.0: the built-in verifiers give 1.0 for right answers).
-Grounding benchmarks score a predictions file (`score_predictions`); running a video model on them goes through
-the same spec.
+Grounding benchmarks run a vision-language model on each (video, query) (`_run_grounding`: the videos come from
+the spec's `video.dir`, `--videos DIR`), or score a predictions file (`score_predictions`); both report the same
+metric names. A query whose video is missing or cannot be decoded is reported once and left out (counted in
+`info["skipped_videos"]`).
 """
 
 from __future__ import annotations
@@ -73,22 +75,71 @@ class Evaluator:
             raise UserError(f"benchmark names must be unique, got {', '.join(names)}")
         self.rows = {}
         for spec in self.specs:
-            if spec.task != "math":
-                raise UserError(f"benchmark `{spec.name}` is a {spec.task} benchmark: score a predictions file "
-                                f"with `posttrain eval --predictions FILE --bench {spec.name} --data PATH`")
             path = data_path(spec, (data or {}).get(spec.name))
             rows = load_benchmark_rows(path, spec.data.format, spec.data.split, spec.data.name, spec.limit)
             if not rows:
                 raise UserError(f"benchmark `{spec.name}`: no rows in `{path}`")
-            for column in (spec.prompt.column, spec.answer.column):
+            needed = (spec.prompt.column, spec.answer.column) + ((spec.video.column,) if spec.task == "grounding" else ())
+            for column in needed:
                 if column not in rows[0]:
                     raise UserError(f"benchmark `{spec.name}` ({spec.source}): `{path}` has no column `{column}` "
                                     f"(columns: {', '.join(rows[0])})")
             self.rows[spec.name] = rows
-        self.scorers = {s.name: Scorer([s.verifier], workers=workers) for s in self.specs}
+        self.scorers = {s.name: Scorer([s.verifier], workers=workers) for s in self.specs if s.task == "math"}
 
     def run(self, engine, tokenizer, desc: str = "eval") -> dict[str, BenchResult]:
-        return {spec.name: self._run_one(spec, engine, tokenizer, desc) for spec in self.specs}
+        return {spec.name: (self._run_grounding if spec.task == "grounding" else self._run_one)(spec, engine, tokenizer, desc)
+                for spec in self.specs}
+
+    def _run_grounding(self, spec: BenchmarkSpec, engine, tokenizer, desc: str) -> BenchResult:
+        """Greedy (or sampled) answers of a vision-language model on every (video, query); R1@θ and mIoU of the
+        first sample's span (QVHighlights: its moment-retrieval metrics with that span as the one window)."""
+        from tqdm.auto import tqdm
+
+        from posttrain.evaluation.spec import render_template, video_dir
+        from posttrain.rewards.temporal import parse_span
+        from posttrain.video import VideoError, video_prompts
+
+        rows = self.rows[spec.name]
+        chat = spec.prompt.chat and getattr(tokenizer, "chat_template", None) is not None
+        video = spec.video.model_copy(update={"dir": video_dir(spec)})
+        prompts = video_prompts(tokenizer, _model_path(engine), rows, video,
+                                lambda row: render_template(spec.prompt.template, row), "chat" if chat else "plain",
+                                spec.prompt.system, f"benchmark `{spec.name}`")
+        started, outputs, kept = time.perf_counter(), [], []
+        with tqdm(total=len(prompts), desc=f"{desc} {spec.name}", unit="query", disable=not self.progress,
+                  dynamic_ncols=True, leave=False) as bar:
+            for call, start in enumerate(range(0, len(prompts), PROMPTS_PER_CALL)):
+                batch, engine_prompts = [], []
+                for i in range(start, min(start + PROMPTS_PER_CALL, len(prompts))):
+                    try:
+                        engine_prompts.append(prompts.get(i))
+                        batch.append(i)
+                    except VideoError:
+                        pass  # reported once by the cache; counted below
+                if engine_prompts:
+                    outputs += engine.generate(engine_prompts, sampling_params(spec, call))
+                    kept += batch
+                bar.update(min(PROMPTS_PER_CALL, len(prompts) - start))
+        generated = time.perf_counter() - started
+        golds = [prompts.rows[i][spec.answer.column] for i in kept]
+        texts = [group[0].text for group in outputs]
+        ious = grounding.span_ious(texts, golds)
+        if spec.data.format == "qvhighlights":
+            preds = [{"qid": prompts.rows[i]["qid"], "pred_relevant_windows": [[*(parse_span(t) or (0.0, 0.0)), 1.0]]}
+                     for i, t in zip(kept, texts)]
+            values = grounding.qvhighlights_metrics(preds, [prompts.rows[i] for i in kept])
+        else:
+            values = grounding.grounding_metrics(ious, tuple(spec.metrics.thresholds))
+        samples = [{"benchmark": spec.name, "video": prompts.name(i), "query": prompts.rows[i].get(spec.prompt.column),
+                    "span": _jsonable(gold), "completion": text, "parsed": _parsed(text), "iou": iou,
+                    "completions": [c.text for c in group]}
+                   for i, gold, text, iou, group in zip(kept, golds, texts, ious, outputs)]
+        tokens = sum(len(c.token_ids) for group in outputs for c in group)
+        info = {"problems": len(kept), "queries": len(kept), "generate_s": generated, "tokens": tokens,
+                "tokens_per_s": tokens / max(generated, 1e-9),
+                "skipped_videos": len(rows) - len(kept)}
+        return BenchResult(spec.name, values, samples, info, spec)
 
     def _run_one(self, spec: BenchmarkSpec, engine, tokenizer, desc: str) -> BenchResult:
         from tqdm.auto import tqdm
@@ -142,6 +193,17 @@ class Evaluator:
 
     def __exit__(self, *exc) -> None:
         self.close()
+
+
+def _model_path(engine) -> str:
+    """Where the engine's model was loaded from (its vision preprocessing settings live there)."""
+    path = getattr(engine, "path", None)
+    if path is None:
+        config = getattr(getattr(engine, "model", None), "config", None)
+        path = getattr(config, "_name_or_path", None)
+    if not path:
+        raise UserError("video evaluation needs the model's directory (its preprocessor_config.json)")
+    return str(path)
 
 
 def _jsonable(value):

@@ -33,7 +33,7 @@ from typing import Literal
 from pydantic import Field, ValidationError, model_validator
 
 from posttrain.errors import UserError, did_you_mean
-from posttrain.recipe.schema import Strict
+from posttrain.recipe.schema import Strict, VideoSpec
 from posttrain.reward import RewardSpec
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
@@ -85,6 +85,7 @@ class BenchmarkSpec(Strict):
     verifier: RewardSpec = RewardSpec(name="math")
     sampling: SamplingSpec = SamplingSpec()
     metrics: MetricSpec = MetricSpec()
+    video: VideoSpec = VideoSpec()  # grounding: the video column, directory (`--videos DIR`) and frame sampling
     limit: int | None = Field(None, gt=0)  # the first `limit` rows only (smoke runs)
     source: str | None = None  # the spec file it came from (set by the loader)
 
@@ -164,6 +165,15 @@ def data_path(spec: BenchmarkSpec, given: str | None = None, how: str | None = N
         raise UserError(f"benchmark `{spec.name}` ships no data{note}: give its file with {how}")
     shipped = REPO_ROOT / spec.data.path
     return str(shipped) if not Path(spec.data.path).is_absolute() and shipped.exists() else spec.data.path
+
+
+def video_dir(spec: BenchmarkSpec) -> str | None:
+    """The spec's video directory, relative to the repository root when it names a folder there."""
+    given = spec.video.dir
+    if given is None or Path(given).is_absolute():
+        return given
+    shipped = REPO_ROOT / given
+    return str(shipped) if shipped.is_dir() and not Path(given).is_dir() else given
 
 
 def recipe_benchmarks(eval_spec, source: str = "recipe") -> tuple[list[BenchmarkSpec], dict[str, str]]:

@@ -85,7 +85,8 @@ class TrainingEval:
         flat = {f"eval/{name}/{metric}": value for name, r in results.items() for metric, value in r.metrics.items()}
         self.log.log_extra(stage, step, flat)
         first = results[self.first]
-        return {"model": label, "stage": stage, "step": step, "accuracy": first.metrics.get("pass@1"),
+        headline = first.metrics.get("pass@1", first.metrics.get("mIoU"))  # math: pass@1, grounding: mIoU
+        return {"model": label, "stage": stage, "step": step, "accuracy": headline,
                 "n": first.info["problems"], "metrics": {name: r.metrics for name, r in results.items()}}
 
     def close(self) -> None:

@@ -25,7 +25,7 @@ class Strict(BaseModel):
 class NewModelSpec(Strict):
     """A random-init model and a byte-level BPE tokenizer built from a corpus (see `posttrain new-model`)."""
 
-    arch: Literal["qwen3", "llama"] = "qwen3"
+    arch: Literal["qwen3", "llama", "qwen2_5_vl"] = "qwen3"  # qwen2_5_vl: a tiny vision-language model
     hidden: int = Field(64, gt=0)
     layers: int = Field(2, gt=0)
     heads: int = Field(4, gt=0)
@@ -54,6 +54,7 @@ class LoraSpec(Strict):
     alpha: float = Field(32, gt=0)
     dropout: float = Field(0.0, ge=0, lt=1)
     targets: list[str] | Literal["all-linear"] = "all-linear"
+    vision: bool = False  # vision-language models: adapters on the vision tower too (default: language model only)
 
 
 class ModelSpec(Strict):
@@ -66,6 +67,7 @@ class ModelSpec(Strict):
     trust_remote_code: bool = False
     gradient_checkpointing: bool = False
     lora: LoraSpec | None = None
+    freeze_vision: bool = False  # vision-language models: train the language model only
 
     @model_validator(mode="after")
     def _one_source(self):
@@ -74,16 +76,34 @@ class ModelSpec(Strict):
         return self
 
 
+class VideoSpec(Strict):
+    """Rows with a video (vision-language models): which column names it, where the files are, how to sample.
+    The prompt gets the video first (`<|vision_start|><|video_pad|><|vision_end|>`), then its text."""
+
+    column: str = "video"  # a path, or a name/id looked up in `dir` (extensions tried: .mp4 .mkv .webm .avi .mov)
+    dir: str | None = None  # the video directory (relative names in `column` are joined to it)
+    fps: float = Field(2.0, gt=0)  # frames sampled per second
+    max_frames: int = Field(32, gt=0)  # frame cap (long videos are sampled sparser)
+    min_frames: int = Field(4, gt=0)
+    max_pixels: int | None = Field(None, gt=0)  # per frame; default: the model's preprocessor_config.json
+    min_pixels: int | None = Field(None, gt=0)
+    cache: int = Field(256, gt=0)  # processed videos kept in memory (the samples of one prompt share one)
+
+
 class DataSpec(Strict):
     """A dataset through `datasets`: a hub id, a local file (json/jsonl/parquet/csv) or a local directory."""
 
     path: str
+    format: Literal["auto", "charades", "activitynet", "qvhighlights"] = "auto"  # grounding annotation files
     name: str | None = None
     split: str = "train"
     validation: str | None = None  # a split name of the same dataset, or a path to a local file
     validation_size: float | int | None = Field(None, gt=0)  # held out of `split` when `validation` is unset
     rename: dict[str, str] = {}  # old column name -> new, e.g. {solution: answer} for verifiers reading `answer`
     prompt_column: str = "prompt"
+    # a format string over the row's columns that builds the prompt (e.g. `When does "{query}" happen?`); a list:
+    # every row once per template (TempSamp-R1's hybrid CoT / direct-answer prompts)
+    prompt_template: str | list[str] | None = None
     completion_column: str = "completion"
     messages_column: str = "messages"
     template: Literal["chat", "plain"] = "chat"
@@ -91,6 +111,7 @@ class DataSpec(Strict):
     max_length: int = Field(1024, gt=1)
     packing: bool = False
     limit: int | None = Field(None, gt=0)
+    video: VideoSpec | None = None
 
 
 class TrainArgs(Strict):

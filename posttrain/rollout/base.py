@@ -11,7 +11,9 @@ The contract every backend must honour (the HF backend is the reference; tests p
 
 `generate(prompts, sampling)` returns one list per prompt, in prompt order, each holding `sampling.n`
 `Completion`s. Prompts are token-id lists or strings (strings are tokenized *without* special tokens, so a
-chat template must already be applied).
+chat template must already be applied), or `MediaPrompt`s (token ids plus a processed video, for
+vision-language models). Every backend masks the vision placeholder tokens (`posttrain.video.
+suppressed_token_ids`) so they are never sampled.
 
 `Completion.token_ids` are the generated tokens only (never the prompt, never padding):
   * generation ended by an eos token: the eos id is the last token id, `finish_reason == "stop"`;
@@ -127,11 +129,21 @@ class Completion:
     finish_reason: FinishReason  # "stop": eos or stop string; "length": max_tokens reached
 
 
+@dataclasses.dataclass
+class MediaPrompt:
+    """A prompt with a video: `token_ids` hold the expanded `<|video_pad|>` run (`video.expand_video_tokens`),
+    `media` the processed video (`posttrain.video.Media`); the samples of one prompt share its `media`."""
+
+    token_ids: list[int]
+    media: object  # posttrain.video.Media
+
+
 @runtime_checkable
 class RolloutEngine(Protocol):
     """What every RL stage needs from a sampler. Backends: `ENGINES`."""
 
-    def generate(self, prompts: list[list[int]] | list[str], sampling: SamplingParams) -> list[list[Completion]]:
+    def generate(self, prompts: list[list[int]] | list[str] | list[MediaPrompt],
+                 sampling: SamplingParams) -> list[list[Completion]]:
         """Sample `sampling.n` completions per prompt; outer list in prompt order."""
         ...
 

@@ -17,7 +17,9 @@ How `generate` samples (see `posttrain.rollout.base` for the output contract):
   checkpoint ships changes what is sampled. Only its extra eos ids are kept (Qwen instruct models stop on
   both `<|im_end|>` and `<|endoftext|>`, as vLLM does).
 * `temperature == 0` is greedy (`do_sample=False`); otherwise temperature → top-k → top-p, the order vLLM
-  and transformers both use.
+  and transformers both use. The vision placeholder tokens are masked before any of them (never sampled).
+* `MediaPrompt`s (vision-language models): each row's video tensors are concatenated in row order and passed
+  with `mm_token_type_ids`, so Qwen2.5-VL builds its temporal M-RoPE positions (`posttrain.video`).
 * Sampler log-probs are recorded on the fly (a logits processor running *first*, on the raw fp32 logits,
   keeps `log_softmax(logits / T)` for the current step; a stopping criterion picks the sampled token's entry
   once the token is chosen). Only one `[rows, vocab]` tensor is alive at a time, unlike
@@ -45,7 +47,7 @@ from typing import TYPE_CHECKING, Iterable
 
 import torch
 
-from posttrain.rollout.base import Completion, RolloutError, SamplingParams
+from posttrain.rollout.base import Completion, MediaPrompt, RolloutError, SamplingParams
 
 if TYPE_CHECKING:  # pragma: no cover - typing only
     from transformers import PreTrainedModel, PreTrainedTokenizerBase
@@ -76,6 +78,9 @@ class HFEngine:
         self.tokenizer = tokenizer
         self.batch_size = batch_size
         self.offload_on_sleep = offload_on_sleep
+        from posttrain.video import suppressed_token_ids
+
+        self.suppressed = suppressed_token_ids(tokenizer)
         self._asleep = False
         self._wake_device: torch.device | None = None
 
@@ -85,6 +90,7 @@ class HFEngine:
         if self._asleep:
             raise RuntimeError("HFEngine.generate called while asleep: call wake() first")
         encoded = [self._encode(p, i) for i, p in enumerate(prompts)]
+        self._media = [p.media if isinstance(p, MediaPrompt) else None for p in prompts]
         rows = [(i, ids) for i, ids in enumerate(encoded) for _ in range(sampling.n)]
         out: list[list[Completion]] = [[] for _ in encoded]
         if not rows:
@@ -107,7 +113,9 @@ class HFEngine:
         return out
 
     def _encode(self, prompt, index: int) -> list[int]:
-        if isinstance(prompt, str):
+        if isinstance(prompt, MediaPrompt):
+            ids = [int(t) for t in prompt.token_ids]
+        elif isinstance(prompt, str):
             ids = self.tokenizer(prompt, add_special_tokens=False)["input_ids"]
         else:
             ids = [int(t) for t in prompt]
@@ -134,6 +142,10 @@ class HFEngine:
         recorder = _LogprobRecorder(temperature, sampling.logprobs)
         watcher = _StepWatcher(recorder, self.tokenizer, sampling.stop, width, eos_ids)
         processors = [recorder]
+        if self.suppressed:  # after the recorder: the recorded log-probs stay those of the raw logits
+            from transformers.generation.logits_process import SuppressTokensLogitsProcessor
+
+            processors.append(SuppressTokensLogitsProcessor(self.suppressed, device=device))
         if not sampling.greedy:
             from transformers.generation.logits_process import (
                 TemperatureLogitsWarper,
@@ -164,10 +176,12 @@ class HFEngine:
             pad_token_id=pad_id,
             bos_token_id=self.tokenizer.bos_token_id,
         )
+        vision = self._vision_inputs(chunk, input_ids, device)
         with _neutral_generation_config(self.model, config):
             sequences = self.model.generate(
                 input_ids=input_ids.to(device),
                 attention_mask=attention_mask.to(device),
+                **vision,
                 generation_config=config,
                 logits_processor=LogitsProcessorList(processors),
                 stopping_criteria=StoppingCriteriaList([watcher]),
@@ -179,6 +193,16 @@ class HFEngine:
             self._completion(index, tokens, logprobs[r] if logprobs is not None else None, stop_at[r], eos_ids)
             for r, ((index, _), tokens) in enumerate(zip(chunk, generated))
         ]
+
+    def _vision_inputs(self, chunk, input_ids, device) -> dict:
+        """The chunk's video tensors in row order, plus `mm_token_type_ids` ({} for text-only rows)."""
+        from posttrain.video import batch_media, forward_inputs
+
+        media = batch_media([self._media[index] for index, _ in chunk])
+        if not media:
+            return {}
+        inputs = forward_inputs(self.model, {"input_ids": input_ids, **media})
+        return {k: v.to(device) for k, v in inputs.items() if k not in ("input_ids", "use_cache")}
 
     def _completion(self, index, tokens, logprobs, stop_at, eos_ids) -> Completion:
         end, reason = len(tokens), "length"

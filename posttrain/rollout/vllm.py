@@ -142,6 +142,12 @@ class VLLMEngine:
         return [[self._completion(i, c) for c in out.outputs] for i, out in enumerate(outputs)]
 
     def _encode(self, prompt, index: int) -> list[int]:
+        from posttrain.rollout.base import MediaPrompt
+
+        if isinstance(prompt, MediaPrompt):
+            # vLLM would re-process the video with its own resize/patchify; the learner's forward must see the
+            # very same vision tokens, so video prompts go through the hf engine until features can be handed over.
+            raise RolloutError("video prompts are not supported by the vllm engine yet: use `engine: hf`")
         ids = self.tokenizer(prompt, add_special_tokens=False)["input_ids"] if isinstance(prompt, str) else [int(t) for t in prompt]
         if not ids:
             raise RolloutError(f"prompt {index} is empty: generation needs at least one prompt token")

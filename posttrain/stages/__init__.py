@@ -9,7 +9,7 @@ from __future__ import annotations
 import dataclasses
 import importlib
 
-from posttrain.algorithms import distill, grpo, nft, sft, ttcs
+from posttrain.algorithms import distill, grpo, nft, sft, tempsamp, ttcs
 
 
 @dataclasses.dataclass(frozen=True)
@@ -35,6 +35,8 @@ STAGE_KINDS: dict[str, StageKind] = {
     "spo": StageKind(args=grpo.Args, runner="posttrain.stages.rl:run", rl=True, judge=True),
     # TTCS: a synthesizer and a solver co-evolve on unlabeled test questions (majority-vote pseudo-labels)
     "ttcs": StageKind(args=ttcs.Args, runner="posttrain.stages.ttcs:run", rl=True, synthesizer=True),
+    # TempSamp-R1: GRPO with an off-policy reference row per group and a soft advantage (video grounding)
+    "tempsamp": StageKind(args=tempsamp.Args, runner="posttrain.stages.rl:run", rl=True),
     # π-Distill and OPSD: one module, two modes (`args.mode`), the teacher is the model with privileged info
     "distill": StageKind(args=distill.Args, runner="posttrain.stages.distill:run", rl=True, privileged=True),
 }

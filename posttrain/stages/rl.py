@@ -25,24 +25,49 @@ import torch
 from posttrain import judges
 from posttrain.algorithms import grpo
 from posttrain.algorithms.ops import token_logprobs
-from posttrain.data import collate, load_rows, render_prompt
+from posttrain.data import collate, load_data, render_prompt
 from posttrain.errors import UserError
 from posttrain.learner import Learner
 from posttrain.stages.context import BatchOrder, StageContext, chunks, run_loop, shard
+from posttrain.video import batch_media, forward_inputs
 
 # ---------------------------------------------------------------------------------------------- data
 
 
 @dataclasses.dataclass
 class PromptSet:
-    ids: list[list[int]]  # rendered, tokenized prompts
+    ids: list[list[int]]  # rendered, tokenized prompts (empty for a video dataset: built on first use)
     texts: list[str]  # rendered prompts (what the model sees)
     columns: dict[str, list]  # every dataset column, for verifiers (e.g. `answer`)
+    videos: object = None  # posttrain.video.VideoPrompts for a dataset with `video:`
+
+    def __len__(self) -> int:
+        return len(self.videos) if self.videos is not None else len(self.ids)
+
+    def prompt(self, i: int):
+        """What the engine samples from: token ids, or a `MediaPrompt` (raises `VideoError` for a bad video)."""
+        return self.ids[i] if self.videos is None else self.videos.get(i)
+
+    def prompt_ids(self, i: int) -> list[int]:
+        return self.ids[i] if self.videos is None else self.videos.get(i).token_ids
+
+    def text(self, i: int) -> str:
+        return self.texts[i] if self.videos is None else self.videos.text(i)
+
+    def media(self, i: int):
+        return None if self.videos is None else self.videos.media(i)
 
 
 def load_prompts(ctx: StageContext) -> PromptSet:
     spec = ctx.stage.spec.data
-    rows = load_rows(spec.path, spec.split, spec.name, spec.limit, spec.rename)
+    rows = load_data(spec)
+    if spec.video is not None:
+        from posttrain.video import prompt_text, video_prompts
+
+        videos = video_prompts(ctx.tokenizer, ctx.init_path, rows.to_list(), spec.video,
+                               lambda row: prompt_text(row, spec), spec.template, spec.system_prompt, f"dataset `{spec.path}`")
+        columns = {c: [r.get(c) for r in videos.rows] for c in rows.column_names if c != "_template"}
+        return PromptSet([], [], columns, videos)
     if spec.prompt_column not in rows.column_names:
         raise UserError(f"dataset `{spec.path}` has no column `{spec.prompt_column}` (columns: {', '.join(rows.column_names)})")
     texts = [render_prompt(ctx.tokenizer, p, spec.template, spec.system_prompt) for p in rows[spec.prompt_column]]
@@ -65,10 +90,16 @@ class Group:
     completions: list  # list[Completion]
     rewards: list[float]
     per_reward: dict[str, list]
+    n_sampled: int = 0  # how many leading completions the policy sampled (the rest: off-policy references)
 
     @property
     def zero_variance(self) -> bool:
         return max(self.rewards) == min(self.rewards)
+
+    @property
+    def sampled(self) -> slice:
+        """The policy's own rows (rollout metrics describe these, not the off-policy references)."""
+        return slice(0, self.n_sampled or len(self.completions))
 
 
 class Sampler:
@@ -78,12 +109,16 @@ class Sampler:
         self.ctx, self.engine, self.scorer, self.prompts = ctx, engine, scorer, prompts
         t = ctx.stage.train
         self.train = t
-        self.order = BatchOrder(len(prompts.ids), t.prompts_per_step, ctx.seed)
-        self.refill = BatchOrder(len(prompts.ids), t.prompts_per_step, ctx.seed + 7919)
+        self.order = BatchOrder(len(prompts), t.prompts_per_step, ctx.seed)
+        self.refill = BatchOrder(len(prompts), t.prompts_per_step, ctx.seed + 7919)
+        self.spare = BatchOrder(len(prompts), 1, ctx.seed + 104729)  # stand-ins for prompts whose video is bad
+        self._spare_at = 0
         from posttrain.rollout.base import SamplingParams
 
+        # an algorithm with off-policy reference rows (TempSamp-R1) samples one completion fewer per group
+        self.reference = getattr(ctx.stage.algo, "offpolicy", False)
         self.sampling = lambda seed: SamplingParams(
-            n=t.group_size, temperature=t.temperature, top_p=t.top_p, top_k=t.top_k,
+            n=t.group_size - self.reference, temperature=t.temperature, top_p=t.top_p, top_k=t.top_k,
             max_tokens=t.max_tokens, stop=tuple(t.stop), seed=seed,
         )
         self.stats: dict[str, float] = {}
@@ -93,33 +128,76 @@ class Sampler:
         acc = self.ctx.accelerator
         return shard(indices, acc.process_index, acc.num_processes)
 
+    def _usable(self, prompt_indices: list[int]) -> tuple[list[int], list]:
+        """The indices and engine prompts of a batch; a prompt whose video is missing or corrupt (reported once
+        by the video cache) is replaced by the next usable one of a spare order, so the batch keeps its size."""
+        from posttrain.video import VideoError
+
+        indices, prompts = [], []
+        for i in prompt_indices:
+            while True:
+                try:
+                    prompts.append(self.prompts.prompt(i))
+                    indices.append(i)
+                    break
+                except VideoError:
+                    self.stats["video/skipped"] = self.stats.get("video/skipped", 0) + 1
+                    if len(self.prompts.videos.cache.bad) >= len(self.prompts):
+                        raise UserError(f"stages.{self.ctx.stage.name}: no video of the dataset can be read") from None
+                    i = self.spare.batch(self._spare_at)[0]
+                    self._spare_at += 1
+        return indices, prompts
+
+    def _with_references(self, prompt_indices: list[int], outs: list[list]) -> list[list]:
+        """Each group's sampled completions plus the off-policy reference answer as its last row (EOS ended,
+        no sampler log-probs)."""
+        from posttrain.rollout.base import Completion
+
+        algo, tok = self.ctx.stage.algo, self.ctx.tokenizer
+        module = algorithm_of(algo)
+        for i, completions in zip(prompt_indices, outs):
+            row = {k: v[i] for k, v in self.prompts.columns.items()}
+            try:
+                text = module.render_reference(row, algo)
+            except ValueError as err:
+                raise UserError(f"stages.{self.ctx.stage.name}.args.reference: {err}") from None
+            ids = tok(text, add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
+            completions.append(Completion(i, ids, tok.decode(ids, skip_special_tokens=True), None, "stop"))
+        return outs
+
     def _groups(self, prompt_indices: list[int], seed: int) -> list[Group]:
         start = time.perf_counter()
-        outs = self.engine.generate([self.prompts.ids[i] for i in prompt_indices], self.sampling(seed))
+        prompt_indices, engine_prompts = self._usable(prompt_indices)
+        outs = self.engine.generate(engine_prompts, self.sampling(seed))
         self.stats["time/generate"] += time.perf_counter() - start
+        n_sampled = len(outs[0]) if outs else 0
+        if self.reference:
+            outs = self._with_references(prompt_indices, outs)
         start = time.perf_counter()
         flat = [(i, c) for i, cs in zip(prompt_indices, outs) for c in cs]
         columns = {k: [v[i] for i, _ in flat] for k, v in self.prompts.columns.items()}
         result = self.scorer.score(
-            [self.prompts.texts[i] for i, _ in flat], [c.text for _, c in flat], [c.token_ids for _, c in flat], columns
+            [self.prompts.text(i) for i, _ in flat], [c.text for _, c in flat], [c.token_ids for _, c in flat], columns
         )
         self.stats["time/score"] += time.perf_counter() - start
         self.results.append(result)
         g = self.train.group_size
         groups = [
             Group(p, cs, result.total[k * g : (k + 1) * g],
-                  {n: v[k * g : (k + 1) * g] for n, v in result.per_reward.items()})
+                  {n: v[k * g : (k + 1) * g] for n, v in result.per_reward.items()}, n_sampled)
             for k, (p, cs) in enumerate(zip(prompt_indices, outs))
         ]
         if self.judge is not None:  # SPO: each completion's reward becomes its win rate within its group
             columns = {k: [v[i] for i in prompt_indices] for k, v in self.prompts.columns.items()}
-            texts = [self.prompts.texts[i] for i in prompt_indices]
+            texts = [self.prompts.text(i) for i in prompt_indices]
             judges.reward_groups(self.judge, groups, texts, columns, self.stats, seed)
         return groups
 
     def sample(self, step: int) -> tuple[list[Group], list[bool]]:
         """This process's groups for `step` and which of them train (False: masked out)."""
         self.stats = {"time/generate": 0.0, "time/score": 0.0}
+        if self.prompts.videos is not None:
+            self.stats["video/skipped"] = 0.0
         self.results = []
         seed = self.ctx.seed * 1_000_003 + step * 101 + self.ctx.accelerator.process_index
         groups = self._groups(self._local(self.order.batch(step)), seed)
@@ -151,7 +229,7 @@ def build_rows(groups: list[Group], trains: list[bool], prompts: PromptSet, cred
     and the algorithm's per-row credit (e.g. `adv`)."""
     rows, k = [], 0
     for group, train in zip(groups, trains):
-        prompt = prompts.ids[group.prompt]
+        prompt, media = prompts.prompt_ids(group.prompt), prompts.media(group.prompt)
         for completion in group.completions:
             n = len(completion.token_ids)
             rows.append({
@@ -160,6 +238,7 @@ def build_rows(groups: list[Group], trains: list[bool], prompts: PromptSet, cred
                 "credit": {name: float(values[k]) for name, values in credit.items()},
                 "truncated": completion.finish_reason == "length",
                 "rollout_logp": completion.logprobs,
+                "media": media,
             })
             k += 1
     return rows
@@ -177,6 +256,7 @@ def collate_rl(rows: list[dict], pad_id: int) -> dict:
             n, start = len(r["rollout_logp"]), len(r["input_ids"]) - len(r["rollout_logp"]) - 1
             rollout[i, start : start + n] = torch.tensor(r["rollout_logp"])
     batch["rollout_logp"] = rollout
+    batch.update(batch_media([r.get("media") for r in rows]))
     for key in ("old_logp", "ref_logp"):
         if key in rows[0]:
             width = batch["mask"].shape[1]
@@ -186,13 +266,13 @@ def collate_rl(rows: list[dict], pad_id: int) -> dict:
 
 def sequence_logprobs(model, mb: dict, temperature: float) -> torch.Tensor:
     """Learner log-probs of the target tokens `[n, L−1]`, logits divided by the sampling temperature."""
-    out = model(input_ids=mb["input_ids"], attention_mask=mb["attention_mask"], use_cache=False)
+    out = model(**forward_inputs(model, mb))
     return token_logprobs(out.logits[:, :-1], mb["input_ids"][:, 1:], temperature)
 
 
 def rl_loss(model, mb: dict, algo, args, temperature: float):
     """The algorithm's per-token loss on a batch, plus the policy's entropy as a metric."""
-    out = model(input_ids=mb["input_ids"], attention_mask=mb["attention_mask"], use_cache=False)
+    out = model(**forward_inputs(model, mb))
     logits = out.logits[:, :-1]
     logp = token_logprobs(logits, mb["input_ids"][:, 1:], temperature)
     result = algo.loss(logp, mb, args)
@@ -243,16 +323,16 @@ def _reduce_means(acc, values: dict[str, tuple[float, float]]) -> dict[str, floa
 def _rollout_metrics(acc, groups, results, stats) -> dict[str, float]:
     """Reward, accuracy, length and timing metrics of the step's first-round groups (before dynamic sampling
     filters them, so accuracy is not inflated by the filter), averaged over processes."""
-    lengths = [len(c.token_ids) for g in groups for c in g.completions]
-    truncated = [c.finish_reason == "length" for g in groups for c in g.completions]
+    lengths = [len(c.token_ids) for g in groups for c in g.completions[g.sampled]]
+    truncated = [c.finish_reason == "length" for g in groups for c in g.completions[g.sampled]]
     values = {
         "completion_len/mean": (sum(lengths), len(lengths)),
         "truncation_rate": (sum(truncated), len(truncated)),
         "zero_variance_groups": (sum(g.zero_variance for g in groups), len(groups)),
-        "reward/total/mean": (sum(sum(g.rewards) for g in groups), len(lengths)),
+        "reward/total/mean": (sum(sum(g.rewards[g.sampled]) for g in groups), len(lengths)),
     }
     for name in groups[0].per_reward:
-        scored = [r for g in groups for r in g.per_reward[name] if r is not None]
+        scored = [r for g in groups for r in g.per_reward[name][g.sampled] if r is not None]
         values[f"reward/{name}/mean"] = (sum(scored), len(scored))
     # accuracy: the first verifier (usually correctness); an SPO stage without verifiers has only win rates,
     # whose mean is always ½, so it reports none
@@ -267,7 +347,7 @@ def _rollout_metrics(acc, groups, results, stats) -> dict[str, float]:
     metrics = _reduce_means(acc, values)
     max_len = torch.tensor(float(max(lengths)), device=acc.device)
     metrics["completion_len/max"] = float(acc.reduce(max_len, reduction="max") if acc.num_processes > 1 else max_len)
-    rewards = torch.tensor([r for g in groups for r in g.rewards], dtype=torch.float64)
+    rewards = torch.tensor([r for g in groups for r in g.rewards[g.sampled]], dtype=torch.float64)
     metrics["reward/total/std"] = float(rewards.std()) if len(rewards) > 1 else 0.0  # this process's rows
     return metrics
 
