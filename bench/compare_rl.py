@@ -12,27 +12,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
-import yaml
+from runs import train  # bench/runs.py (this directory is on sys.path when run as a script)
 
 REPO = Path(__file__).resolve().parents[1]
 RECIPES = {"grpo": "recipes/quickstart/pipeline.yaml", "nft": "recipes/quickstart/nft.yaml",
            "spo": "recipes/quickstart/spo.yaml"}
-
-
-def _train(recipe: dict, out: Path, name: str) -> Path:
-    path = out / f"{name}.yaml"
-    path.write_text(yaml.safe_dump(recipe, sort_keys=False))
-    run = out / name
-    if not (run / "recipe.resolved.yaml").is_file():
-        env = dict(os.environ, OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "1"))
-        subprocess.run([sys.executable, "-m", "posttrain", "train", str(path), "--run-dir", str(run)],
-                       cwd=REPO, env=env, check=True)
-    return run
 
 
 def _resolved(recipe: str) -> dict:
@@ -57,7 +43,7 @@ def main() -> int:
     else:
         recipe = {**base, "eval": None, "tracking": {"progress": False},
                   "stages": {"sft": base["stages"]["sft"]}}
-        sft = _train(recipe, out, "sft") / "sft" / "final"
+        sft = train(recipe, out, "sft") / "sft" / "final"
 
     from posttrain.evaluation.cli import make_eval_engine
     from posttrain.evaluation.runner import Evaluator
@@ -77,7 +63,7 @@ def main() -> int:
         stage["args"].update(steps=ns.steps, save_every=ns.eval_every, keep_last=ns.steps // ns.eval_every)
         recipe = {**raw, "model": {"path": str(sft)}, "eval": None, "tracking": {"progress": False},
                   "stages": {algo: stage}}
-        run = _train(recipe, out, algo)
+        run = train(recipe, out, algo)
         curve = [(0, start)]
         for step in range(ns.eval_every, ns.steps + 1, ns.eval_every):
             ckpt = run / algo / (f"checkpoint-{step}" if step < ns.steps else "final")

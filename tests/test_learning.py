@@ -124,3 +124,27 @@ def test_ttcs_raises_accuracy_on_the_unlabeled_test_questions(distill_run, tmp_p
     sft, ttcs = (e["metrics"] for e in evals[1:])
     assert ttcs["quickstart"]["pass@1"] >= sft["quickstart"]["pass@1"] + 0.05  # measured 0.464 → 0.568
     assert ttcs["quickstart_vote"]["maj@8"] >= sft["quickstart_vote"]["maj@8"]  # measured 0.416 → 0.434
+
+
+def test_video_quickstart_learns_grounding_and_tempsamp_raises_its_training_reward(tmp_path):
+    """The video quickstart (recipes/quickstart/video.yaml) on freshly generated synthetic videos: a tiny
+    random-init Qwen2.5-VL learns grounding by SFT (held-out mIoU 0 → 0.567 measured), and TempSamp-R1 then
+    raises the IoU of its own samples (first vs last 50 steps: +0.035 and +0.04 measured at lr 5e-5 and 3e-4).
+    Its held-out greedy mIoU moved only +0.015 / +0.007 in 200 steps, so no held-out gain is asserted yet."""
+    pytest.importorskip("av")
+    data = tmp_path / "grounding"
+    subprocess.run([sys.executable, "-m", "posttrain.tasks.grounding", "--out", str(data)], check=True, cwd=REPO)
+    video = f"{{dir: {data}, fps: 2, max_frames: 16, cache: 1200}}"
+    run_dir = tmp_path / "video"
+    evals = _train("recipes/quickstart/video.yaml", run_dir,
+                   f"model.new.tokenizer_corpus=[{data}/corpus.txt]",
+                   f"eval.benchmarks=[{{bench: grounding_quickstart, data: {data}/test.jsonl, spec: {{video: {video}}}}}]",
+                   f"stages.sft.data.path={data}/train.jsonl", f"stages.sft.data.video={video}",
+                   f"stages.tempsamp.data.path={data}/train.jsonl", f"stages.tempsamp.data.video={video}")
+    assert [e["model"] for e in evals] == ["initial", "sft", "tempsamp"]
+    initial, sft, _ = (e["metrics"]["grounding_quickstart"] for e in evals)
+    assert initial["mIoU"] <= 0.05 and sft["mIoU"] >= 0.45 and sft["R1@0.5"] >= 0.5
+    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    iou = [r["reward/temporal_iou/mean"] for r in records if r["stage"] == "tempsamp" and "reward/temporal_iou/mean" in r]
+    assert len(iou) == 200
+    assert sum(iou[-50:]) / 50 >= sum(iou[:50]) / 50 + 0.015

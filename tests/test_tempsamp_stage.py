@@ -151,3 +151,27 @@ def test_tempsamp_loss_gives_the_reference_row_gradient_without_sampler_logprobs
     out = tempsamp.loss(logp, batch, tempsamp.Args(tis_cap=2.0))
     out.loss.sum().backward()
     assert logp.grad[1].tolist() == pytest.approx([-1.5, -1.5, -1.5])  # −A, ratio 1, TIS weight 1
+
+
+def test_hybrid_prompt_templates_give_every_row_once_per_template(tmp_path):
+    from posttrain.data import load_data
+    from posttrain.recipe.schema import DataSpec
+
+    path = tmp_path / "rows.jsonl"
+    path.write_text('{"query": "a", "span": [1, 2]}\n{"query": "b", "span": [3, 4]}\n')
+    spec = DataSpec(path=str(path), prompt_template=["Think: {query}", "Answer: {query}"])
+    rows = load_data(spec)
+    assert rows["prompt"] == ["Think: a", "Think: b", "Answer: a", "Answer: b"]
+    video = DataSpec(path=str(path), prompt_template=["T {query}", "A {query}"], video={"dir": str(tmp_path)})
+    assert load_data(video)["_template"] == ["T {query}", "T {query}", "A {query}", "A {query}"]  # filled per video
+
+
+def test_video_data_with_the_vllm_engine_is_refused_before_loading(grounding_data, tmp_path):
+    from posttrain import pipeline
+    from posttrain.errors import UserError
+    from posttrain.recipe import load_recipe
+
+    recipe = load_recipe(REPO / "recipes/quickstart/video.yaml", video_overrides(grounding_data) + [
+        "eval=null", "stages.sft.args.steps=1", "stages.tempsamp.engine=vllm"])
+    with pytest.raises(UserError, match="video data runs on `engine: hf`"):
+        pipeline.run(recipe, run_dir=tmp_path / "run")

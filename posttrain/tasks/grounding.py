@@ -2,7 +2,8 @@
 
 Each video is `duration` seconds of `size`×`size` frames at `fps` on a black background. Two objects, each a
 coloured shape (`red circle`, `blue square`, ...) in its own half of the frame, are visible during their own
-span of whole seconds [s, e) (at least `min_len` s long). Each object gives one query:
+span of whole seconds [s, e) (`min_len` to `max_len` s long). A white progress bar along the bottom edge grows
+with the elapsed time (`clock`). Each object gives one query:
 
     {"video": "videos/train_00012.mp4", "duration": 8.0, "query": "the red circle",
      "prompt": "When is the red circle visible?", "span": [2.0, 5.0],
@@ -10,7 +11,10 @@ span of whole seconds [s, e) (at least `min_len` s long). Each object gives one 
 
 Why this shape: a tiny random-init Qwen2.5-VL can learn it on a CPU in minutes (one vision token per temporal
 patch at 28×28 pixels), yet it needs what real grounding needs: read the query, find the frames where the named
-object is, and turn their temporal positions into seconds; the other object is a distractor.
+object is and turn them into seconds; the other object is a distractor. The progress bar is there because a
+model this small, trained this briefly, does not learn to read time from its M-RoPE positions alone: without
+it, SFT stalls at the span prior (always `0.00 to 8.00`); with it, the time of each frame is in its pixels.
+Spans of 1–4 s in 8 s keep the prior weak (always answering the whole video scores mIoU ≈ 0.3).
 
 Command line (writes train.jsonl, test.jsonl, corpus.txt, videos/ and README.md):
 
@@ -27,7 +31,7 @@ from pathlib import Path
 
 COLOURS = {"red": (230, 30, 30), "green": (30, 200, 60), "blue": (40, 80, 240), "yellow": (235, 220, 40)}
 SHAPES = ("circle", "square")
-DEFAULTS = {"duration": 8, "fps": 2, "size": 28, "min_len": 2}
+DEFAULTS = {"duration": 8, "fps": 2, "size": 28, "min_len": 1, "max_len": 4, "objects": 2, "clock": 1}
 
 
 def answer(span) -> str:
@@ -35,21 +39,24 @@ def answer(span) -> str:
     return f"<answer> {span[0]:.2f} to {span[1]:.2f} </answer>"
 
 
-def _objects(rng: random.Random, duration: int, min_len: int) -> list[dict]:
-    colours = rng.sample(sorted(COLOURS), 2)
+def _objects(rng: random.Random, duration: int, min_len: int, max_len: int, count: int) -> list[dict]:
+    colours = rng.sample(sorted(COLOURS), count)
     out = []
     for side, colour in enumerate(colours):
-        length = rng.randint(min_len, duration)
+        length = rng.randint(min_len, min(max_len, duration))
         start = rng.randint(0, duration - length)
         out.append({"colour": colour, "shape": rng.choice(SHAPES), "side": side, "span": [float(start), float(start + length)]})
     return out
 
 
-def _frames(objects: list[dict], duration: int, fps: int, size: int):
+def _frames(objects: list[dict], duration: int, fps: int, size: int, clock: int = 1):
     import numpy as np
 
     t = duration * fps
     frames = np.zeros((t, size, size, 3), dtype=np.uint8)
+    if clock:  # a white progress bar along the bottom edge: its length is the elapsed share of the video
+        for k in range(t):
+            frames[k, size - 3 :, : round(size * k / t)] = 255
     yy, xx = np.mgrid[0:size, 0:size]
     half = size // 2
     for obj in objects:
@@ -64,8 +71,8 @@ def _frames(objects: list[dict], duration: int, fps: int, size: int):
 
 
 def make_split(out: Path, split: str, n_videos: int, seed: int, duration: int = 8, fps: int = 2, size: int = 28,
-               min_len: int = 2) -> list[dict]:
-    """Write `n_videos` videos of `split` under `out/videos/` and return their query rows (2 per video)."""
+               min_len: int = 1, max_len: int = 4, objects: int = 2, clock: int = 1) -> list[dict]:
+    """Write `n_videos` videos of `split` under `out/videos/` and return their query rows (one per object)."""
     from posttrain.video import write_video
 
     rng = random.Random(f"{seed}-{split}")
@@ -73,9 +80,9 @@ def make_split(out: Path, split: str, n_videos: int, seed: int, duration: int = 
     rows = []
     for k in range(n_videos):
         name = f"videos/{split}_{k:05d}.mp4"
-        objects = _objects(rng, duration, min_len)
-        write_video(out / name, _frames(objects, duration, fps, size), fps)
-        for obj in objects:
+        shown = _objects(rng, duration, min_len, max_len, objects)
+        write_video(out / name, _frames(shown, duration, fps, size, clock), fps)
+        for obj in shown:
             query = f"the {obj['colour']} {obj['shape']}"
             rows.append({"video": name, "duration": float(duration), "query": query,
                          "prompt": f"When is {query} visible? <video>", "span": obj["span"],
@@ -119,8 +126,8 @@ def build_parser(parser: argparse.ArgumentParser | None = None) -> argparse.Argu
 def main(argv: list[str] | None = None) -> int:
     ns = build_parser().parse_args(argv)
     settings = {k: getattr(ns, k) for k in DEFAULTS}
-    if settings["min_len"] > settings["duration"] or settings["size"] % 2:
-        print("error: need min_len <= duration and an even size", file=sys.stderr)
+    if not 1 <= settings["min_len"] <= settings["max_len"] <= settings["duration"] or settings["size"] % 2:
+        print("error: need 1 <= min_len <= max_len <= duration and an even size", file=sys.stderr)
         return 2
     splits = write(Path(ns.out), ns.n_train, ns.n_test, ns.seed, **settings)
     print(f"wrote {ns.out}: {len(splits['train'])} train / {len(splits['test'])} test queries")
