@@ -415,6 +415,10 @@ class VideoPrompts:
     def name(self, i: int) -> str:
         return str(self.rows[i][self.column])
 
+    @property
+    def distinct_videos(self) -> int:
+        return len({self.name(i) for i in range(len(self.rows))})
+
     def media(self, i: int) -> Media:
         return self.cache.get(self.name(i))
 

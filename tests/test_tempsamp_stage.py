@@ -175,3 +175,33 @@ def test_video_data_with_the_vllm_engine_is_refused_before_loading(grounding_dat
         "eval=null", "stages.sft.args.steps=1", "stages.tempsamp.engine=vllm"])
     with pytest.raises(UserError, match="video data runs on `engine: hf`"):
         pipeline.run(recipe, run_dir=tmp_path / "run")
+
+
+def test_a_stage_whose_videos_all_fail_stops_with_a_clear_error(grounding_data, tmp_path):
+    """Every video file exists but none decodes: the stage reports each once and stops with a message."""
+    import shutil
+
+    from posttrain import pipeline
+    from posttrain.errors import UserError
+    from posttrain.recipe import load_recipe
+
+    broken = tmp_path / "broken"
+    shutil.copytree(grounding_data, broken)
+    for mp4 in (broken / "videos").glob("*.mp4"):
+        mp4.write_bytes(b"not a video")
+    overrides = video_overrides(broken) + ["eval=null", f"stages.sft.data.path={grounding_data}/train.jsonl",
+                                           f"stages.sft.data.video={{dir: {grounding_data}}}"]
+    with pytest.warns(UserWarning, match="cannot decode"):
+        with pytest.raises(UserError, match="no video of the dataset can be read"):
+            pipeline.run(load_recipe(REPO / "recipes/quickstart/video.yaml", overrides), run_dir=tmp_path / "run")
+
+
+def test_tempsamp_needs_room_for_samples(grounding_data, tmp_path):
+    from posttrain import pipeline
+    from posttrain.errors import UserError
+    from posttrain.recipe import load_recipe
+
+    overrides = video_overrides(grounding_data) + ["eval=null", "stages.tempsamp.args.group_size=1",
+                                                    "stages.tempsamp.args.micro_batch_size=2"]
+    with pytest.raises(UserError, match="group_size: 1 leaves no room"):
+        pipeline.run(load_recipe(REPO / "recipes/quickstart/video.yaml", overrides), run_dir=tmp_path / "run")

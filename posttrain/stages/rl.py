@@ -142,7 +142,7 @@ class Sampler:
                     break
                 except VideoError:
                     self.stats["video/skipped"] = self.stats.get("video/skipped", 0) + 1
-                    if len(self.prompts.videos.cache.bad) >= len(self.prompts):
+                    if len(self.prompts.videos.cache.bad) >= self.prompts.videos.distinct_videos:
                         raise UserError(f"stages.{self.ctx.stage.name}: no video of the dataset can be read") from None
                     i = self.spare.batch(self._spare_at)[0]
                     self._spare_at += 1
@@ -155,14 +155,14 @@ class Sampler:
 
         algo, tok = self.ctx.stage.algo, self.ctx.tokenizer
         module = algorithm_of(algo)
-        for i, completions in zip(prompt_indices, outs):
-            row = {k: v[i] for k, v in self.prompts.columns.items()}
+        for k, (i, completions) in enumerate(zip(prompt_indices, outs)):
+            row = {name: v[i] for name, v in self.prompts.columns.items()}
             try:
                 text = module.render_reference(row, algo)
             except ValueError as err:
                 raise UserError(f"stages.{self.ctx.stage.name}.args.reference: {err}") from None
             ids = tok(text, add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
-            completions.append(Completion(i, ids, tok.decode(ids, skip_special_tokens=True), None, "stop"))
+            completions.append(Completion(k, ids, tok.decode(ids, skip_special_tokens=True), None, "stop"))
         return outs
 
     def _groups(self, prompt_indices: list[int], seed: int) -> list[Group]:
@@ -405,6 +405,9 @@ def run(ctx: StageContext) -> Path:
     algo = algorithm_of(args)
     if not t.steps:
         raise UserError(f"stages.{ctx.stage.name}.args.steps: RL stages need a number of steps")
+    if getattr(args, "offpolicy", False) and t.group_size < 2:
+        raise UserError(f"stages.{ctx.stage.name}.args.group_size: {t.group_size} leaves no room for samples beside "
+                        f"the off-policy reference row; use group_size >= 2 (the paper: 8)")
     batch_size = t.batch_size or t.prompts_per_step * t.group_size  # geometry checked by the pipeline
     prompts = load_prompts(ctx)
     n_rows = t.prompts_per_step * t.group_size
