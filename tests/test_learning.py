@@ -73,9 +73,9 @@ def test_spo_raises_accuracy_above_its_sft_start(tmp_path):
 
 @pytest.fixture(scope="module")
 def distill_run(tmp_path_factory) -> Path:
-    """recipes/quickstart/distill.yaml, run once: its SFT stage is also the warm start of opsd.yaml and
-    ttcs.yaml (identical `model` and `stages.sft` sections and seed, hence identical weights), which the tests
-    below reuse instead of training it three times."""
+    """recipes/quickstart/distill.yaml, run once: its SFT stage is also the warm start of opsd.yaml (identical
+    `model` and `stages.sft` sections and seed, hence identical weights), which the OPSD test reuses instead of
+    training it twice. (ttcs.yaml trains its SFT twice as long: see its test.)"""
     run_dir = tmp_path_factory.mktemp("distill") / "run"
     _train("recipes/quickstart/distill.yaml", run_dir)
     return run_dir
@@ -115,15 +115,17 @@ def test_opsd_raises_the_students_no_hint_accuracy(distill_run, tmp_path):
     assert student >= sft + 0.05  # measured 0.464 → 0.680
 
 
-def test_ttcs_raises_accuracy_on_the_unlabeled_test_questions(distill_run, tmp_path):
-    """The same SFT stage, then TTCS on the 500 test questions without their answers: the solver's greedy
-    accuracy on them rises and its majority vote does not fall."""
-    _from_warm_start(distill_run, tmp_path / "ttcs")
-    evals = _train("recipes/quickstart/ttcs.yaml", tmp_path / "ttcs", resume=True)
+def test_ttcs_raises_majority_vote_accuracy_on_the_unlabeled_test_questions(tmp_path):
+    """SFT (2000 steps: from the 1000-step start TTCS has no stable fixed point), then TTCS (100 iterations of one
+    synthesizer and 3 solver steps) on the 500 test questions without their answers: the solver's majority vote
+    over 32 samples and its greedy accuracy on them rise. Measured with this seed: maj@32 0.834 → 0.892, greedy
+    0.844 → 0.914; over 4 seeds the expected maj@8 rose +4.2 to +6.1 points (one 8-sample draw: ±1 point)."""
+    evals = _train("recipes/quickstart/ttcs.yaml", tmp_path / "ttcs")
     assert [e["model"] for e in evals] == ["initial", "sft", "ttcs"]
     sft, ttcs = (e["metrics"] for e in evals[1:])
-    assert ttcs["quickstart"]["pass@1"] >= sft["quickstart"]["pass@1"] + 0.05  # measured 0.464 → 0.568
-    assert ttcs["quickstart_vote"]["maj@8"] >= sft["quickstart_vote"]["maj@8"]  # measured 0.416 → 0.434
+    assert ttcs["quickstart_vote"]["maj@32"] >= sft["quickstart_vote"]["maj@32"] + 0.03
+    assert ttcs["quickstart_vote"]["maj@8"] >= sft["quickstart_vote"]["maj@8"] + 0.02
+    assert ttcs["quickstart"]["pass@1"] >= sft["quickstart"]["pass@1"] + 0.02
 
 
 def test_video_quickstart_learns_grounding_and_tempsamp_raises_its_training_reward(tmp_path):

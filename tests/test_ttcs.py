@@ -127,9 +127,11 @@ def test_no_ground_truth_enters_the_loop(tmp_path):
         assert any(not torch.equal(moved[k], init[k]) for k in init if k in moved), part
 
 
-def test_both_policies_checkpoint_and_resume_exactly(tmp_path):
+@pytest.mark.parametrize("solver_steps", [1, 2])
+def test_both_policies_checkpoint_and_resume_exactly(tmp_path, solver_steps):
+    """Also with several solver steps per iteration: the solver's step count and batches resume with it."""
     data = write_addition_data(tmp_path / "d")
-    r = _ttcs_recipe(data, data / "test.jsonl", steps=4, save_every=2)
+    r = _ttcs_recipe(data, data / "test.jsonl", steps=4, save_every=2, solver_steps=solver_steps)
     path = write_recipe(tmp_path, r)
     full = tmp_path / "full"
     pipeline.run(load_recipe(path), run_dir=full)

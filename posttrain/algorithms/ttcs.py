@@ -59,6 +59,10 @@ class Args(grpo.Args):
         default=8, metadata={"doc": "synthetic questions in each solver batch (beside prompts_per_step test ones)",
                              "ge": 0}
     )
+    solver_steps: int = dataclasses.field(
+        default=1, metadata={"doc": "solver GRPO steps per iteration (each on fresh test questions; the "
+                             "iteration's variants are shared out between them)", "gt": 0}
+    )
     judge_samples: int = dataclasses.field(
         default=10, metadata={"doc": "M: solver answers per candidate question for the synthesizer's reward",
                               "gt": 0}

@@ -4,7 +4,8 @@ questions. One loop step is one iteration of both:
     test questions → synthesizer samples G' variants each (`<question>` tags) → the solver answers each variant
     M times → synthesizer rewards (uncertainty bell × similarity, − diversity; algorithms/ttcs.py) → GRPO step
     of the synthesizer → solver batch = test questions + this iteration's best variants → G answers each →
-    majority-vote pseudo-labels, groups outside the agreement band masked out → GRPO step of the solver.
+    majority-vote pseudo-labels, groups outside the agreement band masked out → GRPO step of the solver
+    (`solver_steps` of them per iteration, each on fresh test questions and its own share of the variants).
 
 Only the prompt column is read: answers never enter the loop (`label_column` is read for a monitoring metric,
 `ttcs/pseudo_label_accuracy`, and nothing else). Each policy has its own learner and optimizer; both live on one
@@ -92,8 +93,8 @@ class Policy:
 class PolicyPair:
     """What `run_loop` drives: checkpoints and resumes both policies; evaluates (and exports first) the solver."""
 
-    def __init__(self, solver: Policy, synthesizer: Policy):
-        self.solver, self.synthesizer = solver, synthesizer
+    def __init__(self, solver: Policy, synthesizer: Policy, solver_steps: int = 1):
+        self.solver, self.synthesizer, self.solver_steps = solver, synthesizer, solver_steps
         self.accelerator = solver.learner.accelerator
 
     def save_state(self, directory: Path) -> None:
@@ -101,7 +102,7 @@ class PolicyPair:
 
     def load_state(self, directory: Path, step: int) -> None:
         self.accelerator.load_state(str(directory))
-        self.solver.learner.step = step * self.solver.updates
+        self.solver.learner.step = step * self.solver.updates * self.solver_steps
         self.synthesizer.learner.step = step * self.synthesizer.updates
 
     def export_hf(self, directory: Path, tokenizer, merge_lora: bool) -> None:
@@ -143,9 +144,9 @@ def run(ctx: StageContext) -> Path:
                               add_special_tokens=False)["input_ids"]
     solver_ids = [render(q) for q in questions.raw]
     synth_ids = [render(spec.synthesizer.template.format(question=q)) for q in questions.raw]
-    solver = Policy(ctx, t, args, t.steps, alongside=False, prompt_length=spec.data.max_length)
+    solver = Policy(ctx, t, args, t.steps * args.solver_steps, alongside=False, prompt_length=spec.data.max_length)
     synth = Policy(ctx, synth_train, synth_args, t.steps, alongside=True, prompt_length=max(map(len, synth_ids)))
-    pair = PolicyPair(solver, synth)
+    pair = PolicyPair(solver, synth, args.solver_steps)
     ref_model = None
     if args.kl_coef > 0 or synth_args.kl_coef > 0:  # both policies start from the same model: one frozen copy
         ref_model = load_causal_lm(ctx.init_path, ctx.recipe.model).to(acc.device).eval().requires_grad_(False)
@@ -154,6 +155,36 @@ def run(ctx: StageContext) -> Path:
     fill_order = BatchOrder(len(questions.raw), max(args.synthetic_per_step, 1), ctx.seed + 7919)
     source_order = BatchOrder(len(questions.raw), synth_train.prompts_per_step, ctx.seed + 104729)
     local = lambda xs: shard(xs, acc.process_index, acc.num_processes)
+
+    def solver_step(index: int, chosen: list[list[int]], seed: int, values: dict) -> dict:
+        """One solver GRPO step (`index` counts solver steps) on test questions + `chosen` (tokenized variants)."""
+        want = args.synthetic_per_step // acc.num_processes
+        tests = local(test_order.batch(index))[: n_test // acc.num_processes] if n_test else []
+        fill = local(fill_order.batch(index))[: want - len(chosen)]  # too few variants: more test questions
+        batch_ids = [solver_ids[i] for i in tests + fill] + chosen
+        is_synthetic = [False] * (len(tests) + len(fill)) + [True] * len(chosen)
+        outs = solver.generate(batch_ids, t.group_size, seed)
+        rewards, agreements, hits = [], [], []
+        for k, answers in enumerate(outs):
+            keys = [answer_key(a.text) for a in answers]
+            label, agreement = ttcs.majority_vote(keys)
+            rewards += ttcs.pseudo_rewards(keys, label)
+            agreements.append(agreement)
+            if questions.labels is not None and not is_synthetic[k]:
+                i = (tests + fill)[k]
+                hits.append(float(label is not None and label == vote_key(str(questions.labels[i]))))
+        trains = ttcs.agreement_mask(agreements, args.agreement_low, args.agreement_high)
+        learn = solver.update(batch_ids, outs, rewards, trains, ref_model, pad_id)
+        counts = {"solver/reward": (sum(rewards), len(rewards)),
+                  "solver/agreement": (sum(agreements), len(agreements)),
+                  "solver/kept_groups": (sum(trains), len(trains)),
+                  "solver/synthetic_share": (len(chosen), len(batch_ids)),
+                  **_histogram(agreements, "solver/agreement_hist")}
+        if questions.labels is not None:
+            counts["ttcs/pseudo_label_accuracy"] = (sum(hits), len(hits))
+        for key, (total, n) in counts.items():  # summed over the iteration's solver steps
+            values[key] = (values.get(key, (0, 0))[0] + total, values.get(key, (0, 0))[1] + n)
+        return learn
 
     def step_fn(step: int) -> dict:
         seed = ctx.seed * 1_000_003 + step * 101 + acc.process_index
@@ -179,37 +210,19 @@ def run(ctx: StageContext) -> Path:
         values.update({f"synthesizer/{k}": (v, 1.0) for k, v in synth_stats.items()})  # mean over processes
         values["synthesizer/reward"] = (sum(synth_rewards), len(synth_rewards))
         values["synthesizer/judge_share"] = (sum(shares[k] for k in parsed), len(parsed))
-        # ---- solver: test questions + the iteration's most rewarded distinct variants, pseudo-labelled
+        # ---- solver: test questions + the iteration's most rewarded distinct variants, pseudo-labelled;
+        # `solver_steps` GRPO steps, each on fresh test questions and its own share of the variants
         want = args.synthetic_per_step // acc.num_processes
         ranked = sorted(parsed, key=lambda k: -synth_rewards[k])
         chosen, seen = [], set()
         for k in ranked:
-            if len(chosen) < want and candidates[k] not in seen and synth_rewards[k] > 0:
+            if len(chosen) < want * args.solver_steps and candidates[k] not in seen and synth_rewards[k] > 0:
                 chosen.append(candidates[k])
                 seen.add(candidates[k])
-        tests = local(test_order.batch(step))[: n_test // acc.num_processes] if n_test else []
-        fill = local(fill_order.batch(step))[: want - len(chosen)]  # too few variants: more test questions
-        batch_ids = [solver_ids[i] for i in tests + fill] + [candidate_ids[c] for c in chosen]
-        is_synthetic = [False] * (len(tests) + len(fill)) + [True] * len(chosen)
-        outs = solver.generate(batch_ids, t.group_size, seed + 2)
-        rewards, trains, agreements, hits = [], [], [], []
-        for k, answers in enumerate(outs):
-            keys = [answer_key(a.text) for a in answers]
-            label, agreement = ttcs.majority_vote(keys)
-            rewards += ttcs.pseudo_rewards(keys, label)
-            agreements.append(agreement)
-            if questions.labels is not None and not is_synthetic[k]:
-                i = (tests + fill)[k]
-                hits.append(float(label is not None and label == vote_key(str(questions.labels[i]))))
-        trains = ttcs.agreement_mask(agreements, args.agreement_low, args.agreement_high)
-        solver_learn = solver.update(batch_ids, outs, rewards, trains, ref_model, pad_id)
-        values["solver/reward"] = (sum(rewards), len(rewards))
-        values["solver/agreement"] = (sum(agreements), len(agreements))
-        values["solver/kept_groups"] = (sum(trains), len(trains))
-        values["solver/synthetic_share"] = (len(chosen), len(batch_ids))
-        values.update(_histogram(agreements, "solver/agreement_hist"))
-        if questions.labels is not None:
-            values["ttcs/pseudo_label_accuracy"] = (sum(hits), len(hits))
+        solver_learn = {}
+        for sub in range(args.solver_steps):
+            share = [candidate_ids[c] for c in chosen[sub * want:(sub + 1) * want]]
+            solver_learn = solver_step(step * args.solver_steps + sub, share, seed + 2 + 7 * sub, values)
         metrics = rl._reduce_means(acc, values)
         metrics.update({f"solver/{k}": v for k, v in solver_learn.items()})
         metrics.update({f"synthesizer/{k}": v for k, v in synth_learn.items()})
