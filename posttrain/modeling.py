@@ -244,11 +244,10 @@ def build_model(config, tokenizer: "PreTrainedTokenizerFast", seed: int = 0) -> 
     with `<|endoftext|>` without callers passing them.
     """
     import torch
-    from transformers import AutoModelForCausalLM, AutoModelForImageTextToText
+    from posttrain.models import auto_model_class
 
     torch.manual_seed(seed)
-    auto = AutoModelForImageTextToText if hasattr(config, "vision_config") else AutoModelForCausalLM
-    model = auto.from_config(config, dtype=torch.float32)
+    model = auto_model_class(config).from_config(config, dtype=torch.float32)
     gen = model.generation_config
     gen.eos_token_id = tokenizer.eos_token_id
     gen.pad_token_id = tokenizer.pad_token_id

@@ -31,30 +31,34 @@ def load_tokenizer(path: str | Path, trust_remote_code: bool = False):
     return tok
 
 
-def is_vision_language(path: str | Path, trust_remote_code: bool = False) -> bool:
-    """Whether `path` holds a vision-language model (its config has a `vision_config`, e.g. Qwen2.5-VL)."""
+def model_config(path: str | Path, trust_remote_code: bool = False):
+    """The transformers config at `path` (a UserError naming the path when there is none)."""
     from transformers import AutoConfig
 
     try:
-        config = AutoConfig.from_pretrained(str(path), trust_remote_code=trust_remote_code)
+        return AutoConfig.from_pretrained(str(path), trust_remote_code=trust_remote_code)
     except (OSError, ValueError) as err:
         raise UserError(f"cannot load a model config from `{path}`: {err}") from None
-    return hasattr(config, "vision_config")
+
+
+def auto_model_class(config):
+    """`AutoModelForCausalLM`, or `AutoModelForImageTextToText` for a vision-language config (one with a
+    `vision_config`, e.g. Qwen2.5-VL: transformers maps it only there)."""
+    from transformers import AutoModelForCausalLM, AutoModelForImageTextToText
+
+    return AutoModelForImageTextToText if hasattr(config, "vision_config") else AutoModelForCausalLM
 
 
 def load_causal_lm(path: str | Path, spec):
-    """The generating model at `path` with the recipe's dtype/attention settings (`spec`: ModelSpec):
-    `AutoModelForCausalLM`, or `AutoModelForImageTextToText` for a vision-language model (transformers maps
-    Qwen2.5-VL only there). `spec.freeze_vision` freezes the vision tower."""
-    from transformers import AutoModelForCausalLM, AutoModelForImageTextToText
-
+    """The generating model at `path` (`auto_model_class`) with the recipe's dtype/attention settings (`spec`:
+    ModelSpec); `spec.freeze_vision` freezes a vision-language model's vision tower."""
     kwargs = {"dtype": torch_dtype(spec.dtype), "trust_remote_code": spec.trust_remote_code}
     if spec.attn_implementation:
         kwargs["attn_implementation"] = spec.attn_implementation
-    vision = is_vision_language(path, spec.trust_remote_code)
-    auto = AutoModelForImageTextToText if vision else AutoModelForCausalLM
+    config = model_config(path, spec.trust_remote_code)
+    vision = hasattr(config, "vision_config")
     try:
-        model = auto.from_pretrained(str(path), **kwargs)
+        model = auto_model_class(config).from_pretrained(str(path), config=config, **kwargs)
     except OSError as err:
         raise UserError(f"cannot load a model from `{path}`: {err}") from None
     if vision and spec.freeze_vision:

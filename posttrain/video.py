@@ -53,6 +53,8 @@ class VideoError(UserError, ValueError):
     """A video that cannot be found or decoded (the message names its path)."""
 
 
+MEDIA_KEYS = ("pixel_values_videos", "video_grid_thw", "second_per_grid_ts")  # a video's forward inputs (`Media`)
+
 # ----------------------------------------------------------------------------------------------- settings
 
 
@@ -92,10 +94,6 @@ class Media:
     duration: float
     frames: Any = None  # the sampled uint8 frames (for backends that process video themselves, e.g. vLLM)
     fps: float = 0.0  # frames per second actually sampled
-
-    def tensors(self) -> dict:
-        return {"pixel_values_videos": self.pixel_values_videos, "video_grid_thw": self.video_grid_thw,
-                "second_per_grid_ts": self.second_per_grid_ts}
 
 
 # --------------------------------------------------------------------------------------------- decoding
@@ -350,14 +348,7 @@ def batch_media(media: list[Media | None]) -> dict:
     present = [m for m in media if m is not None]
     if not present:
         return {}
-    return {
-        "pixel_values_videos": torch.cat([m.pixel_values_videos for m in present]),
-        "video_grid_thw": torch.cat([m.video_grid_thw for m in present]),
-        "second_per_grid_ts": torch.cat([m.second_per_grid_ts for m in present]),
-    }
-
-
-MEDIA_KEYS = ("pixel_values_videos", "video_grid_thw", "second_per_grid_ts")
+    return {key: torch.cat([getattr(m, key) for m in present]) for key in MEDIA_KEYS}
 
 
 def _config(model):

@@ -127,13 +127,11 @@ def make_eval_engine(kind: str, model_path: str, dtype: str, batch_size: int):
     if kind != "hf":
         tokenizer = load_tokenizer(model_path)
         return make_engine(kind, model=None, tokenizer=tokenizer, path=model_path, dtype=name), tokenizer
-    from transformers import AutoModelForCausalLM, AutoModelForImageTextToText
+    from posttrain.models import auto_model_class, model_config
 
-    from posttrain.models import is_vision_language
-
-    auto = AutoModelForImageTextToText if is_vision_language(model_path) else AutoModelForCausalLM
+    config = model_config(model_path)
     try:
-        model = auto.from_pretrained(model_path, dtype=getattr(torch, name))
+        model = auto_model_class(config).from_pretrained(model_path, config=config, dtype=getattr(torch, name))
     except OSError as err:
         raise UserError(f"cannot load a model from `{model_path}`: {err}") from None
     model = model.to("cuda" if cuda else "cpu").eval()

@@ -90,7 +90,7 @@ class HFEngine:
         if self._asleep:
             raise RuntimeError("HFEngine.generate called while asleep: call wake() first")
         encoded = [self._encode(p, i) for i, p in enumerate(prompts)]
-        self._media = [p.media if isinstance(p, MediaPrompt) else None for p in prompts]
+        media = [p.media if isinstance(p, MediaPrompt) else None for p in prompts]
         rows = [(i, ids) for i, ids in enumerate(encoded) for _ in range(sampling.n)]
         out: list[list[Completion]] = [[] for _ in encoded]
         if not rows:
@@ -105,7 +105,7 @@ class HFEngine:
                 self.model.eval()
                 for start in range(0, len(rows), self.batch_size):
                     chunk = rows[start : start + self.batch_size]
-                    for (index, _), completion in zip(chunk, self._generate_chunk(chunk, sampling)):
+                    for (index, _), completion in zip(chunk, self._generate_chunk(chunk, sampling, media)):
                         out[index].append(completion)
         finally:
             for module, training in modes:
@@ -123,7 +123,8 @@ class HFEngine:
             raise RolloutError(f"prompt {index} is empty: generation needs at least one prompt token")
         return ids
 
-    def _generate_chunk(self, chunk: list[tuple[int, list[int]]], sampling: SamplingParams) -> list[Completion]:
+    def _generate_chunk(self, chunk: list[tuple[int, list[int]]], sampling: SamplingParams,
+                        media: list) -> list[Completion]:
         from transformers import GenerationConfig, LogitsProcessorList, StoppingCriteriaList
 
         device = self._device()
@@ -176,7 +177,7 @@ class HFEngine:
             pad_token_id=pad_id,
             bos_token_id=self.tokenizer.bos_token_id,
         )
-        vision = self._vision_inputs(chunk, input_ids, device)
+        vision = self._vision_inputs([media[index] for index, _ in chunk], input_ids, device)
         with _neutral_generation_config(self.model, config):
             sequences = self.model.generate(
                 input_ids=input_ids.to(device),
@@ -194,11 +195,11 @@ class HFEngine:
             for r, ((index, _), tokens) in enumerate(zip(chunk, generated))
         ]
 
-    def _vision_inputs(self, chunk, input_ids, device) -> dict:
-        """The chunk's video tensors in row order, plus `mm_token_type_ids` ({} for text-only rows)."""
+    def _vision_inputs(self, row_media: list, input_ids, device) -> dict:
+        """The rows' video tensors in row order, plus `mm_token_type_ids` ({} for text-only rows)."""
         from posttrain.video import batch_media, forward_inputs
 
-        media = batch_media([self._media[index] for index, _ in chunk])
+        media = batch_media(row_media)
         if not media:
             return {}
         inputs = forward_inputs(self.model, {"input_ids": input_ids, **media})
