@@ -128,11 +128,12 @@ def test_ttcs_raises_majority_vote_accuracy_on_the_unlabeled_test_questions(tmp_
     assert ttcs["quickstart"]["pass@1"] >= sft["quickstart"]["pass@1"] + 0.02
 
 
-def test_video_quickstart_learns_grounding_and_tempsamp_raises_its_training_reward(tmp_path):
+def test_video_quickstart_learns_grounding_and_tempsamp_raises_held_out_miou(tmp_path):
     """The video quickstart (recipes/quickstart/video.yaml) on freshly generated synthetic videos: a tiny
-    random-init Qwen2.5-VL learns grounding by SFT (held-out mIoU 0 → 0.567 measured), and TempSamp-R1 then
-    raises the IoU of its own samples (first vs last 50 steps: +0.035 and +0.04 measured at lr 5e-5 and 3e-4).
-    Its held-out greedy mIoU moved only +0.015 / +0.007 in 200 steps, so no held-out gain is asserted yet."""
+    random-init Qwen2.5-VL learns grounding by SFT (300 steps; held-out mIoU 0 → 0.329 measured, R1@0.7 0.18
+    where the whole-video prior scores 0), and TempSamp-R1 then raises the held-out greedy mIoU above that start
+    (measured 0.329 → 0.470 with this seed, 0.463 with RL seed 1; the full pipeline at seed 1: 0.304 → 0.349)
+    and the IoU of its own samples (first vs last 50 steps: 0.294 → 0.375)."""
     pytest.importorskip("av")
     data = tmp_path / "grounding"
     subprocess.run([sys.executable, "-m", "posttrain.tasks.grounding", "--out", str(data)], check=True, cwd=REPO)
@@ -144,9 +145,10 @@ def test_video_quickstart_learns_grounding_and_tempsamp_raises_its_training_rewa
                    f"stages.sft.data.path={data}/train.jsonl", f"stages.sft.data.video={video}",
                    f"stages.tempsamp.data.path={data}/train.jsonl", f"stages.tempsamp.data.video={video}")
     assert [e["model"] for e in evals] == ["initial", "sft", "tempsamp"]
-    initial, sft, _ = (e["metrics"]["grounding_quickstart"] for e in evals)
-    assert initial["mIoU"] <= 0.05 and sft["mIoU"] >= 0.45 and sft["R1@0.5"] >= 0.5
+    initial, sft, tempsamp = (e["metrics"]["grounding_quickstart"] for e in evals)
+    assert initial["mIoU"] <= 0.05 and sft["mIoU"] >= 0.25 and sft["R1@0.7"] >= 0.1
+    assert tempsamp["mIoU"] >= sft["mIoU"] + 0.03
     records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     iou = [r["reward/temporal_iou/mean"] for r in records if r["stage"] == "tempsamp" and "reward/temporal_iou/mean" in r]
     assert len(iou) == 200
-    assert sum(iou[-50:]) / 50 >= sum(iou[:50]) / 50 + 0.015
+    assert sum(iou[-50:]) / 50 >= sum(iou[:50]) / 50 + 0.02

@@ -145,9 +145,11 @@ class VLLMEngine:
         from posttrain.rollout.base import MediaPrompt
 
         if isinstance(prompt, MediaPrompt):
-            # vLLM would re-process the video with its own resize/patchify; the learner's forward must see the
-            # very same vision tokens, so video prompts go through the hf engine until features can be handed over.
-            raise RolloutError("video prompts are not supported by the vllm engine yet: use `engine: hf`")
+            # Not wired, on purpose (README, TempSamp-R1): vLLM 0.32 numbers the tokens after a video from the
+            # largest temporal position, transformers 5.19 from the spatial grid only, so a vLLM sample would be
+            # conditioned on other positions than the learner scores it with; its pre-computed-embedding input
+            # also drops `second_per_grid_ts`. The hf engine is exact.
+            raise RolloutError("video prompts are not supported by the vllm engine: use `engine: hf`")
         ids = self.tokenizer(prompt, add_special_tokens=False)["input_ids"] if isinstance(prompt, str) else [int(t) for t in prompt]
         if not ids:
             raise RolloutError(f"prompt {index} is empty: generation needs at least one prompt token")

@@ -369,8 +369,9 @@ def engine_options(ctx: StageContext, learner, train=None, prompt_length: int | 
     options = {"model": learner.unwrapped(), "tokenizer": ctx.tokenizer}
     if spec.engine == "vllm":
         if spec.data.video is not None:
-            raise UserError(f"stages.{ctx.stage.name}: video data runs on `engine: hf` for now (the vllm engine would "
-                            f"re-process each video itself, so its vision tokens could differ from the learner's)")
+            raise UserError(f"stages.{ctx.stage.name}: video data runs on `engine: hf` (vLLM would place the text after "
+                            f"a video at other M-RoPE positions than the learner's transformers, so its samples would "
+                            f"be off-policy; README, TempSamp-R1)")
         if getattr(ctx.stage.algo, "tis_cap", None) is not None and (t.top_k or t.top_p < 1):
             raise UserError(f"stages.{ctx.stage.name}: tis_cap needs the sampler's log-probs, which the vllm engine "
                             f"returns only without top-k / top-p truncation (set top_k: 0 and top_p: 1.0)")
