@@ -115,14 +115,20 @@ def _full_batch(model, prompt: MediaPrompt, completion: list[int]) -> dict:
     return {"input_ids": ids, "attention_mask": torch.ones_like(ids), **video.batch_media([prompt.media])}
 
 
+def _rope_positions(model, kwargs: dict):
+    """transformers' M-RoPE positions [3, batch, length] for forward inputs built by `video.forward_inputs`."""
+    positions, _ = model.model.get_rope_index(
+        kwargs["input_ids"], kwargs["mm_token_type_ids"], video_grid_thw=kwargs["video_grid_thw"],
+        second_per_grid_ts=kwargs["second_per_grid_ts"], attention_mask=kwargs["attention_mask"])
+    return positions
+
+
 def test_video_tokens_of_different_frames_get_different_temporal_positions(vlm):
     model, _, prompts = vlm
     batch = _full_batch(model, prompts.get(0), [])
     kwargs = video.forward_inputs(model, batch)
     assert kwargs["mm_token_type_ids"].sum() == 2 * 8  # the 8 video tokens are type 2
-    positions, _ = model.model.get_rope_index(
-        batch["input_ids"], kwargs["mm_token_type_ids"], video_grid_thw=kwargs["video_grid_thw"],
-        second_per_grid_ts=kwargs["second_per_grid_ts"], attention_mask=kwargs["attention_mask"])
+    positions = _rope_positions(model, kwargs)
     is_video = batch["input_ids"][0] == model.config.video_token_id
     temporal = positions[0, 0, is_video].tolist()
     assert len(set(temporal)) == 8  # one temporal position per grid step (1 s = tokens_per_second 2 apart)
@@ -135,7 +141,6 @@ def test_video_tokens_of_different_frames_get_different_temporal_positions(vlm):
     assert not torch.allclose(with_types, without)
 
 
-
 def test_text_after_a_video_continues_from_the_spatial_grid_not_the_last_frame(vlm):
     """Why the vllm engine refuses video (README, TempSamp-R1): transformers numbers the first token after a
     video from the spatial grid (start + max(h, w) / merge), vLLM from the largest position (the last frame's
@@ -145,9 +150,7 @@ def test_text_after_a_video_continues_from_the_spatial_grid_not_the_last_frame(v
     p = prompts.get(0)
     batch = _full_batch(model, p, tokenizer("<answer>", add_special_tokens=False)["input_ids"])
     kwargs = video.forward_inputs(model, batch)
-    positions, _ = model.model.get_rope_index(
-        batch["input_ids"], kwargs["mm_token_type_ids"], video_grid_thw=kwargs["video_grid_thw"],
-        second_per_grid_ts=kwargs["second_per_grid_ts"], attention_mask=kwargs["attention_mask"])
+    positions = _rope_positions(model, kwargs)
     ids = batch["input_ids"][0].tolist()
     first, last = ids.index(model.config.video_token_id), len(ids) - 1 - ids[::-1].index(model.config.video_token_id)
     start = int(positions[0, 0, first])
@@ -156,6 +159,8 @@ def test_text_after_a_video_continues_from_the_spatial_grid_not_the_last_frame(v
     assert int(positions[0, 0, last]) == start + 14  # 8 temporal steps, 2 apart
     assert after == [start + max(grid_h, grid_w)] * 3  # transformers: after the spatial grid (start + 1 here)
     assert after[0] != int(positions[:, 0, first : last + 1].max()) + 1  # vLLM's rule would give start + 15
+
+
 def test_pad_tokens_are_never_sampled_and_logprobs_are_the_raw_ones(vlm):
     """Boost `<|video_pad|>` so the raw distribution prefers it: the engine must never sample it, and the
     recorded log-probs must equal teacher forcing on the raw logits (not the renormalised suppressed scores)."""
