@@ -2,7 +2,8 @@
 
 Where the answer is looked for, in order:
 1. inside the last complete `<answer>...</answer>` (when there is one, the search below is limited to it);
-2. the last complete `\\boxed{...}` / `\\fbox{...}` (braces nested to any depth, `\\{` `\\}` skipped);
+2. the complete `\\boxed{...}` / `\\fbox{...}` (braces nested to any depth, `\\{` `\\}` skipped); several boxes
+   hold one answer each and are joined with ", " (repeats dropped);
 3. after the last "the answer is" / "final answer:" up to the end of that line, trailing "." dropped;
 4. inside answer tags: the whole tag content; otherwise (only when `last_number=True`) the last number.
 """
@@ -39,23 +40,35 @@ def brace_pairs(text: str) -> dict[int, int]:
     return pairs
 
 
-def last_boxed(text: str) -> str | None:
-    """Content of the last complete `\\boxed{...}` (or `\\fbox{...}`, or `\\boxed 5`), else None."""
+def all_boxed(text: str) -> list[str]:
+    """Contents of every complete `\\boxed{...}` (or `\\fbox{...}`, or `\\boxed 5`) in order, boxes inside a
+    box not counted on their own, repeats dropped (a model that boxes its answer twice gave one answer)."""
     starts = sorted((m.start(), cmd) for cmd in BOXED for m in re.finditer(re.escape(cmd), text))
-    pairs = None
-    for start, cmd in reversed(starts):
+    pairs, found, end = None, [], -1
+    for start, cmd in starts:
+        if start < end:  # inside the previous box
+            continue
         i = start + len(cmd)
         while i < len(text) and text[i] in " \t":
             i += 1
+        content = None
         if i < len(text) and text[i] == "{":
             pairs = brace_pairs(text) if pairs is None else pairs
             if i in pairs:
-                return text[i + 1 : pairs[i]].strip()
+                content, end = text[i + 1 : pairs[i]].strip(), pairs[i]
         elif i > start + len(cmd):  # `\\boxed 5`: one token after a space
             token = re.match(r"[^\s$]+", text[i:])
             if token:
-                return token.group(0).strip()
-    return None
+                content, end = token.group(0).strip(), i + token.end()
+        if content and content not in found:
+            found.append(content)
+    return found
+
+
+def last_boxed(text: str) -> str | None:
+    """Content of the last complete `\\boxed{...}` (or `\\fbox{...}`, or `\\boxed 5`), else None."""
+    boxes = all_boxed(text)
+    return boxes[-1] if boxes else None
 
 
 def answer_tag(text: str, tag: str = "answer") -> str | None:
@@ -84,12 +97,12 @@ def last_number(text: str) -> str | None:
 
 
 def find_answer(text: str, *, last_number_fallback: bool = True) -> tuple[str | None, str]:
-    """(final answer, where it was found: "boxed" | "answer_is" | "tag" | "number" | "") — order in module doc."""
+    """(final answer, where it was found: "boxed" | "boxes" | "answer_is" | "tag" | "number" | "") — order in module doc."""
     tagged = answer_tag(text)
     region = tagged if tagged is not None else text
-    found = last_boxed(region)
-    if found:
-        return found, "boxed"
+    boxes = all_boxed(region)
+    if boxes:  # several boxes hold one answer each: "2, -3" (compared as a set by the `math` verifier)
+        return ", ".join(boxes), "boxed" if len(boxes) == 1 else "boxes"
     found = answer_is(region)
     if found:
         return found, "answer_is"

@@ -50,8 +50,11 @@ CASES = [
  (B("-5"), "-5.0", 1), (B("-5"), "5", 0), (B("-0"), "0", 1),
  # extraction
  ("<answer>42</answer>", "42", 1), ("The final answer is 42", "42", 1), ("so we get 7 apples", "7", 1),
- (B("\\frac{\\sqrt{3}}{2}"), "\\frac{\\sqrt3}{2}", 1), ("first \\boxed{3} then \\boxed{5}", "5", 1),
- ("first \\boxed{3} then \\boxed{5}", "3", 0), ("I don't know.", "5", 0), ("", "5", 0), ("\\boxed{}", "5", 0),
+ (B("\\frac{\\sqrt{3}}{2}"), "\\frac{\\sqrt3}{2}", 1), # several boxes hold one answer each and compare as a set, on either side (issue 18)
+ ("first \\boxed{3} then \\boxed{5}", "5", 0), ("first \\boxed{3} then \\boxed{5}", "3", 0),
+ ("first \\boxed{3} then \\boxed{5}", "5, 3", 1), ("\\boxed{5} so again \\boxed{5}", "5", 1),
+ ("The roots are \\boxed{2} and \\boxed{-3}.", "\\boxed{-3}, \\boxed{2}", 1), (B("2, -3"), "\\boxed{-3}, \\boxed{2}", 1),
+ (B("2"), "\\boxed{-3}, \\boxed{2}", 0), ("I don't know.", "5", 0), ("", "5", 0), ("\\boxed{}", "5", 0),
  ("<answer>\\boxed{12}</answer>", "12", 1), ("<answer>12</answer> and 13", "12", 1), ("Answer: \\boxed 7", "7", 1),
  # matrices and lists
  (B("\\begin{pmatrix}1\\\\2\\end{pmatrix}"), "\\begin{pmatrix}1\\\\2\\end{pmatrix}", 1),
@@ -66,6 +69,9 @@ ADVERSARIAL = [
  B("10^{10^{10}}"), B("9^9^9"), B("2^{9999999}"), B("1000000!"), B("\\frac{" * 40 + "1" + "}{2}" * 40),
  B("9" * 10000), B("(" * 5000), "\\boxed{" * 3000, B("x" * 10000), B("\\sqrt{" * 200 + "2" + "}" * 200),
  B("10^{10^{10^{10}}}"), B("(((((((((x+1)^2)^2)^2)^2)^2)^2)^2)^2)^2"),
+ # unboxed: math-verify's extraction over the completion's end, and the expression ending the last sentence
+ "So we get $10^{10^{10}}$.", "Thus x = " + "\\frac{" * 40 + "1" + "}{2}" * 40 + ".", "Hence the value is " + "9" * 10000 + ".",
+ "It equals (" + "(x+1)^2" * 300 + ").", "so x = " + "1, " * 3000 + "2.",
 ]
 
 

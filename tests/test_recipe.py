@@ -193,6 +193,14 @@ def test_rl_geometry_and_rewards_are_checked(tmp_path):
         check_rewards(bad)
 
 
+def test_tempsamp_shaped_reward_must_be_one_of_the_stage_rewards(tmp_path):
+    tempsamp = RL.replace("  grpo:", "  tempsamp:").replace("{name: exact}", "{name: exact}, {name: format, weight: 0.1}")
+    msg = error_of(write(tmp_path, tempsamp))
+    assert "stages.tempsamp.args.shaped_reward: 'temporal_iou' is not one of the stage's rewards" in msg
+    assert load_recipe(write(tmp_path, tempsamp), ["stages.tempsamp.args.shaped_reward=exact"]).stages[0].algo.shaped_reward == "exact"
+    assert load_recipe(write(tmp_path, tempsamp), ["stages.tempsamp.args.soft_advantage=false"])
+
+
 EVAL = MINIMAL + """\
 eval:
   benchmarks:

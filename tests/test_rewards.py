@@ -30,7 +30,8 @@ def one(fn, completion, **row):
 # ------------------------------------------------------------------------------------------ built-in verifiers
 @pytest.mark.parametrize("text, expected", [
     (r"so \boxed{\frac{1}{2}}.", r"\frac{1}{2}"),
-    (r"\boxed{1} then \boxed{\{1, 2\}}", r"\{1, 2\}"),                # last one; escaped braces do not nest
+    (r"\boxed{1} then \boxed{\{1, 2\}}", r"1, \{1, 2\}"),             # one answer per box; escaped braces do not nest
+    (r"\boxed{5}, so \boxed{5}", "5"),                                # a box repeated is one answer
     (r"\boxed{\sqrt{\frac{a}{b^{2}}}}", r"\sqrt{\frac{a}{b^{2}}}"),   # nested braces
     (r"\fbox{7}", "7"),
     (r"\boxed 5$", "5"),

@@ -27,10 +27,11 @@ def test_soft_reward_is_increasing_and_compresses_above_tau():
 
 def test_reference_row_is_the_last_of_each_group_and_counts_in_the_group_statistics():
     args = tempsamp.Args()
-    rewards = torch.tensor([0.0, 0.5, 0.9, 1.1,   0.2, 0.2, 0.2, 1.1])  # G = 4, last = ground truth (IoU 1 + 0.1)
+    iou = [0.0, 0.5, 0.9, 1.0,   0.2, 0.2, 0.2, 1.0]  # G = 4, last = ground truth
+    rewards = tempsamp.reward_total({"temporal_iou": iou, "format": [1.0] * 8}, {"temporal_iou": 1.0, "format": 0.1}, args)
     credit = tempsamp.credit(rewards, 4, args)
     assert credit["offpolicy"].tolist() == [0, 0, 0, 1, 0, 0, 0, 1]
-    shaped = tempsamp.soft_reward(rewards).view(2, 4)
+    shaped = (tempsamp.soft_reward(torch.tensor(iou)) + 0.1).view(2, 4)
     mean, std = shaped.mean(1, keepdim=True), shaped.std(1, keepdim=True)
     expected = ((shaped - mean) / (std + args.adv_eps)).reshape(-1)
     assert credit["adv"].tolist() == pytest.approx(expected.tolist(), abs=1e-6)
@@ -38,6 +39,32 @@ def test_reference_row_is_the_last_of_each_group_and_counts_in_the_group_statist
     assert all(a < 0 for a in credit["adv"][4:7].tolist())
     # a near-perfect sample (0.9) gets almost the ground truth's advantage
     assert float(credit["adv"][3] - credit["adv"][2]) < 0.05 * float(credit["adv"][3])
+
+
+def test_soft_advantage_shapes_the_iou_alone_and_adds_the_format_term_after():
+    # One group, format scores differ across rows; weights IoU 1, format 0.1 (the official reward). By hand:
+    #   soft(0.9) = 0.8 + 0.01·ln(1.1)              = 0.800953      + 0.1·1 = 0.900953
+    #   soft(0.7) = 0.8 − (e^0.1 − 1)/(e − 1)       = 0.738793      + 0.1·1 = 0.838793
+    #   soft(0.7)                                   = 0.738793      + 0.1·0 = 0.738793
+    #   soft(0.0) = 0.8 − (e^0.8 − 1)/(e − 1)       = 0.086764      + 0.1·1 = 0.186764
+    #   soft(1.0) = 0.8 + 0.01·ln(1.2) (the GT row) = 0.801823      + 0.1·1 = 0.901823
+    args = tempsamp.Args()
+    per_reward = {"temporal_iou": [0.9, 0.7, 0.7, 0.0, 1.0], "format": [1.0, 1.0, 0.0, 1.0, 1.0]}
+    total = tempsamp.reward_total(per_reward, {"temporal_iou": 1.0, "format": 0.1}, args)
+    assert total.tolist() == pytest.approx([0.900953, 0.838793, 0.738793, 0.186764, 0.901823], abs=1e-6)
+    # τ is an IoU threshold: IoU 0.7 with good format is not on the plateau. Shaping the weighted total
+    # (0.7 + 0.1 = 0.8 ≥ τ) would have given it 0.8, within 0.001 of IoU 0.9's 0.800953.
+    assert float(total[0] - total[1]) == pytest.approx(0.062160, abs=1e-6)
+    credit = tempsamp.credit(total, 5, args)
+    expected = grpo.group_advantages(torch.tensor([0.900953, 0.838793, 0.738793, 0.186764, 0.901823]), 5, args)
+    assert credit["adv"].tolist() == pytest.approx(expected.tolist(), abs=1e-5)
+    # an abstaining reward adds nothing; without soft_advantage the total is the Scorer's plain weighted sum
+    with_none = tempsamp.reward_total({"temporal_iou": [0.5], "format": [None]}, {"temporal_iou": 1.0, "format": 0.1}, args)
+    assert with_none.tolist() == pytest.approx([0.596390], abs=1e-6)
+    plain = tempsamp.reward_total(per_reward, {"temporal_iou": 2.0, "format": 0.1}, tempsamp.Args(soft_advantage=False))
+    assert plain.tolist() == pytest.approx([1.9, 1.5, 1.4, 0.1, 2.1])
+    with pytest.raises(ValueError, match="shaped_reward: 'temporal_iou' is not one of the stage's rewards"):
+        tempsamp.reward_total({"math": [1.0]}, {"math": 1.0}, args)
 
 
 def test_grpo_variant_without_reference_rows():

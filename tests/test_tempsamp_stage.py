@@ -74,6 +74,12 @@ def test_quickstart_video_recipe_runs_and_the_reference_row_reaches_the_learner(
         for k in range(3):
             assert rows[4 * g + k]["credit"]["offpolicy"] == 0.0 and rows[4 * g + k]["rollout_logp"] is not None
         assert group.rewards[-1] == pytest.approx(1.1)  # IoU 1 + 0.1 × format
+        # the learner's advantages: the soft shaping of the IoU alone, plus 0.1 × format, then the group norm
+        from posttrain.algorithms import grpo, tempsamp
+
+        iou, fmt = torch.tensor(group.per_reward["temporal_iou"]), torch.tensor(group.per_reward["format"])
+        expected = grpo.group_advantages(tempsamp.soft_reward(iou) + 0.1 * fmt, 4, tempsamp.Args())
+        assert [r["credit"]["adv"] for r in rows[4 * g : 4 * g + 4]] == pytest.approx(expected.tolist(), abs=1e-5)
         assert rows[4 * g]["media"] is not None
 
     evals = [json.loads(l) for l in (run / "eval.jsonl").read_text().splitlines()]

@@ -27,6 +27,17 @@ def test_bell_reward_golden_values():
     assert ttcs.bell_reward(0.6, exponent=1.0) == pytest.approx(0.96)
 
 
+def test_triangle_reward_golden_values_and_its_use_in_the_synthesizer_reward():
+    # 1 − 2|s − ½| by hand: s = 0.6 → 0.8, 0.3 → 0.6, 0.5 → 1, 0 and 1 → 0
+    assert [ttcs.triangle_reward(s) for s in (0.6, 0.3, 0.5, 0.0, 1.0)] == pytest.approx([0.8, 0.6, 1.0, 0.0, 0.0])
+    triangle = ttcs.Args(capability_reward="triangle", skeleton_check=False)
+    candidates, source = ["p q r s t", "a completely different problem here"], "the source question is this one"
+    rewards, _ = ttcs.synthesizer_rewards(candidates, [source] * 2, [0.6, 0.3], triangle)
+    assert rewards == pytest.approx([0.8 - 1 / 2, 0.6 - 1 / 2])  # each its own cluster: penalty 1/2
+    bell, _ = ttcs.synthesizer_rewards(candidates, [source] * 2, [0.6, 0.3], ttcs.Args(skeleton_check=False))
+    assert bell == pytest.approx([0.952194 - 1 / 2, (4 * 0.3 * 0.7) ** 1.2 - 1 / 2], abs=1e-6)
+
+
 def test_majority_vote_ties_go_to_the_answer_voted_first_and_none_does_not_vote():
     assert ttcs.majority_vote(["3", "5", "5", "3", "7"]) == ("3", 0.4)  # 3 and 5 tie: 3 was voted first
     assert ttcs.majority_vote([None, None, "4", None]) == ("4", 0.25)  # None never wins, but counts in the share

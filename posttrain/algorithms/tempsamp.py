@@ -4,11 +4,16 @@ B prompts × G rows, grouped contiguously. The stage fills rows 0 … G−2 of e
 and row G−1 with the reference answer rendered by `reference` (for temporal grounding
 `<answer> {s:.2f} to {e:.2f} </answer>`, then EOS); the reward registry scores all G rows alike.
 
-Soft advantage, applied to every row's reward r before the group normalisation (τ = `tau`, α = `alpha`):
+Soft advantage, applied to every row's IoU r (the `shaped_reward` component, not the weighted total) before
+the other rewards are added and the group normalised (τ = `tau`, α = `alpha`):
 
     r̂ = τ + 0.01 · ln(r − τ + 1)                    r ≥ τ   (compresses the top: near-perfect ≈ perfect)
     r̂ = τ − (e^{α(τ − r)} − 1) / (e^α − 1)          r < τ   (spreads the bottom)
-    A_i = (r̂_i − mean_g r̂) / (std_g r̂ + eps)         over all G rows, the ground-truth row included
+    R_i = w_iou · r̂_i + Σ_{k ≠ iou} w_k · r_k,i       e.g. soft(IoU) + 0.1 · format, as the official reward
+    A_i = (R_i − mean_g R) / (std_g R + eps)         over all G rows, the ground-truth row included
+
+τ is therefore an IoU threshold: shaping the total instead (IoU + 0.1 · format) would put a well-formatted
+answer on the plateau at IoU 0.7.
 
 τ = 0.8, α = 1: r = 1.0 → 0.801823, 0.5 → 0.596390, 0 → 0.086764. Because the ground-truth row is in the group
 statistics, a sample almost as good as the ground truth gets almost its advantage, instead of the sampled
@@ -54,6 +59,10 @@ class Args(grpo.Args):
     soft_advantage: bool = dataclasses.field(
         default=True, metadata={"doc": "apply the non-linear reward shaping before the group normalisation"}
     )
+    shaped_reward: str = dataclasses.field(
+        default="temporal_iou",
+        metadata={"doc": "the reward (its key in `rewards`) the soft advantage shapes; the others are added as they are"},
+    )
     reference: str = dataclasses.field(
         default=SPAN_REFERENCE,
         metadata={"doc": "format string over the row's columns rendering the off-policy answer (EOS is added)"},
@@ -88,11 +97,31 @@ def render_reference(columns: dict, args: Args) -> str:
 # The RL stage's contract (stages/rl.py)
 
 
+def reward_total(per_reward: dict[str, list], weights: dict[str, float], args: Args) -> torch.Tensor:
+    """`[N]` R_i = Σ_k w_k · r_k,i with the `shaped_reward` component through `soft_reward` (module doc).
+
+    `per_reward[key][i]` is reward `key` of row i (None: abstained, adds nothing, as in the Scorer's total);
+    `weights[key]` its weight. Without `soft_advantage` this is the Scorer's plain weighted total.
+    """
+    if args.soft_advantage and args.shaped_reward not in per_reward:
+        raise ValueError(f"args.shaped_reward: {args.shaped_reward!r} is not one of the stage's rewards "
+                         f"{sorted(per_reward)}; name the reward the soft advantage shapes")
+    n = len(next(iter(per_reward.values()))) if per_reward else 0
+    total = torch.zeros(n, dtype=torch.float64)
+    for key, values in per_reward.items():
+        scored = torch.tensor([0.0 if v is None else float(v) for v in values], dtype=torch.float64)
+        present = torch.tensor([v is not None for v in values])
+        if args.soft_advantage and key == args.shaped_reward:
+            scored = soft_reward(scored, args.tau, args.alpha)
+        total += torch.where(present, weights[key] * scored, torch.zeros_like(scored))
+    return total
+
+
 def credit(rewards: torch.Tensor, group_size: int, args: Args) -> dict[str, torch.Tensor]:
-    """Soft-shaped, group-normalised advantages with the reference row counted, and the `offpolicy` flags."""
-    r = torch.as_tensor(rewards, dtype=torch.float32)
-    shaped = soft_reward(r, args.tau, args.alpha) if args.soft_advantage else r.double()
-    out = {"adv": grpo.group_advantages(shaped, group_size, args).float()}
+    """Group-normalised advantages of the rewards R (already shaped by `reward_total`, which the RL stage
+    calls in place of the Scorer's total) with the reference row counted, and the `offpolicy` flags."""
+    r = torch.as_tensor(rewards, dtype=torch.float64)
+    out = {"adv": grpo.group_advantages(r, group_size, args).float()}
     out["offpolicy"] = offpolicy_rows(r.numel(), group_size) if args.offpolicy else torch.zeros(r.numel())
     return out
 

@@ -13,6 +13,8 @@ Synthesizer (GRPO on G' candidate variants of one source question q):
     s      = majority share of the solver's M answers to the candidate (None counts as an answer; a None majority
              gives s = 0)
     R_unc  = (4 s (1 − s))^γ,  γ = 1.2                       1 at s = ½, 0 at s ∈ {0, 1}; s = 0.6 → 0.952194
+             or, with `capability_reward: triangle` (the official code's other option, R-Zero's form),
+    R_unc  = 1 − 2 |s − ½|                                   1 at s = ½, 0 at s ∈ {0, 1}; s = 0.6 → 0.8
     R_sim  = R_unc · max(0, 1 − sim) if the candidate is too close to q (`too_similar`), else R_unc
     R      = max(0, R_sim − |cluster(c)| / |batch|)           clusters of near-duplicates in the batch
     R      = 0 when no `<question>` can be parsed
@@ -70,6 +72,10 @@ class Args(grpo.Args):
     bell_exponent: float = dataclasses.field(
         default=1.2, metadata={"doc": "γ of the uncertainty reward (4s(1−s))^γ", "gt": 0}
     )
+    capability_reward: Literal["bell", "triangle"] = dataclasses.field(
+        default="bell", metadata={"doc": "the synthesizer's uncertainty reward: `bell` (4s(1−s))^γ or `triangle` "
+                                         "1 − 2|s − ½| (R-Zero's form)"}
+    )
     skeleton_check: bool = dataclasses.field(
         default=True, metadata={"doc": "also flag candidates whose math skeleton (digits→N) copies the source"}
     )
@@ -112,6 +118,16 @@ def agreement_mask(agreements: Sequence[float], low: float, high: float) -> list
 def bell_reward(share: float, exponent: float = 1.2) -> float:
     """`(4 s (1 − s))^γ`: largest when the solver is split, 0 when it always or never agrees."""
     return max(4.0 * share * (1.0 - share), 0.0) ** exponent
+
+
+def triangle_reward(share: float) -> float:
+    """`1 − 2 |s − ½|`: the same end points as `bell_reward`, linear in between (R-Zero's uncertainty reward)."""
+    return max(1.0 - 2.0 * abs(share - 0.5), 0.0)
+
+
+def capability_reward(share: float, args: Args) -> float:
+    """The uncertainty reward R_unc the recipe chose (`args.capability_reward`)."""
+    return triangle_reward(share) if args.capability_reward == "triangle" else bell_reward(share, args.bell_exponent)
 
 
 _NO_ANSWER = "\0none"  # stands in for None where a missing answer must be able to win the vote
@@ -228,7 +244,7 @@ def synthesizer_rewards(candidates: Sequence[str | None], sources: Sequence[str]
         if c is None:
             rewards.append(0.0)
             continue
-        r = bell_reward(s, args.bell_exponent)
+        r = capability_reward(s, args)
         flagged, score = too_similar(c, q, args.skeleton_check)
         if flagged:
             similar += 1

@@ -254,6 +254,11 @@ def _validate_stage(name: str, spec, recipe_where: Where, source: str) -> tuple[
     except ValidationError as exc:
         return None, _validation_error(exc, model, ("stages", name, "args"), recipe_where, source)
     train, algo = split_args(validated, algo_args, rl)
+    shaped = getattr(algo, "shaped_reward", None) if getattr(algo, "soft_advantage", False) else None
+    if shaped is not None and shaped not in (keys := [r.key for r in spec.rewards]):
+        return None, [f"{_locate(recipe_where, ('stages', name, 'args', 'shaped_reward'), source)}: "
+                      f"stages.{name}.args.shaped_reward: {shaped!r} is not one of the stage's rewards"
+                      + did_you_mean(shaped, keys) + "; name the reward the soft advantage shapes"]
     synthesizer = None
     if kind_spec.synthesizer:
         from posttrain.algorithms import grpo

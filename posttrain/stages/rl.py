@@ -425,12 +425,17 @@ def run(ctx: StageContext) -> Path:
     pad_id, temperature = ctx.tokenizer.pad_token_id, _temperature(t)
     reduction = algo.reduction(args, t.max_tokens)
     loss_fn = partial(rl_loss, algo=algo, args=args, temperature=temperature)
+    reward_total = getattr(algo, "reward_total", None)
+    weights = {spec.key: spec.weight for spec in scorer.specs}
     need_old = updates_per_step > 1 or getattr(args, "tis_cap", None) is not None
     per_rank = batch_size // acc.num_processes
 
     def step_fn(step: int) -> dict:
         groups, trains = sampler.sample(step)
         rewards = torch.tensor([r for g in groups for r in g.rewards], dtype=torch.float32)
+        if reward_total is not None:  # TempSamp-R1 shapes one reward component before the weighted sum
+            components = {k: [v for g in groups for v in g.per_reward[k]] for k in weights}
+            rewards = reward_total(components, weights, args)
         try:
             credit = algo.credit(rewards, t.group_size, args)
         except ValueError as err:  # e.g. NFT given a reward that is not 0/1
