@@ -33,6 +33,7 @@ def main() -> int:
     out = Path(ns.out).resolve()
     out.mkdir(parents=True, exist_ok=True)
 
+    import posttrain.stages  # noqa: F401  (registers the stage kinds)
     from posttrain.recipe import load_recipe
 
     raw = load_recipe(REPO / RECIPE).raw
@@ -44,7 +45,7 @@ def main() -> int:
 
     from posttrain.evaluation.cli import make_eval_engine
     from posttrain.evaluation.runner import Evaluator
-    from posttrain.evaluation.spec import load_spec
+    from posttrain.recipe.benchmark import load_spec
 
     evaluator = Evaluator([load_spec("grounding_quickstart")], progress=False)
 

@@ -22,6 +22,7 @@ RECIPES = {"grpo": "recipes/quickstart/pipeline.yaml", "nft": "recipes/quickstar
 
 
 def _resolved(recipe: str) -> dict:
+    import posttrain.stages  # noqa: F401  (registers the stage kinds)
     from posttrain.recipe import load_recipe
 
     return load_recipe(REPO / recipe).raw
@@ -47,7 +48,7 @@ def main() -> int:
 
     from posttrain.evaluation.cli import make_eval_engine
     from posttrain.evaluation.runner import Evaluator
-    from posttrain.evaluation.spec import load_spec
+    from posttrain.recipe.benchmark import load_spec
 
     evaluator = Evaluator([load_spec("quickstart")], progress=False)
 

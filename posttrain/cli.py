@@ -12,7 +12,9 @@ import sys
 
 
 def _validate(ns) -> int:
-    from posttrain.recipe import check_batch_geometry, check_files, check_rewards, load_recipe
+    import posttrain.stages  # noqa: F401  (registers the stage kinds the recipe is checked against)
+    from posttrain.recipe import check_batch_geometry, check_files, load_recipe
+    from posttrain.reward import check_rewards
 
     resolved = load_recipe(ns.recipe, ns.overrides)
     check_files(resolved)
@@ -25,8 +27,9 @@ def _validate(ns) -> int:
 
 
 def _train(ns) -> int:
-    from posttrain import pipeline
-    from posttrain.recipe import check_files, check_rewards, load_recipe
+    from posttrain import pipeline  # imports posttrain.stages: the stage kinds are registered
+    from posttrain.recipe import check_files, load_recipe
+    from posttrain.reward import check_rewards
 
     resolved = load_recipe(ns.recipe, ns.overrides)
     check_files(resolved)

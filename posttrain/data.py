@@ -10,6 +10,7 @@ import dataclasses
 import warnings
 from pathlib import Path
 
+from posttrain.annotations import grounding_rows, read_jsonl
 from posttrain.errors import UserError
 
 LOCAL_FORMATS = {".json": "json", ".jsonl": "json", ".parquet": "parquet", ".csv": "csv"}
@@ -57,8 +58,6 @@ def load_data(spec, split: str | None = None):
     if spec.format == "auto":
         ds = load_rows(spec.path, split or spec.split, spec.name, spec.limit, spec.rename)
     else:
-        from posttrain.evaluation.loaders import load_benchmark_rows
-
         ds = datasets.Dataset.from_list(load_benchmark_rows(spec.path, spec.format, limit=spec.limit))
         if spec.rename:
             ds = ds.rename_columns(dict(spec.rename))
@@ -68,10 +67,37 @@ def load_data(spec, split: str | None = None):
     copies = [ds.add_column("_template", [t] * len(ds)) for t in templates]
     ds = datasets.concatenate_datasets(copies) if len(copies) > 1 else copies[0]
     if spec.video is None:
-        from posttrain.video import prompt_text
-
         ds = ds.map(lambda row: {spec.prompt_column: prompt_text(row, spec)}).remove_columns("_template")
     return ds
+
+
+def load_benchmark_rows(path: str, fmt: str = "auto", split: str = "test", name: str | None = None,
+                        limit: int | None = None) -> list[dict]:
+    """Benchmark or annotation rows as plain dicts: `auto` reads a local jsonl line by line (benchmark files mix
+    types within a column, which Arrow rejects or coerces) and anything else `load_rows` reads; a grounding
+    format (`annotations.GROUNDING_FORMATS`) through its annotation reader."""
+    if fmt == "auto":
+        rows = read_jsonl(path) if path.endswith(".jsonl") and Path(path).is_file() else None
+        if rows is None:
+            rows = load_rows(path, split=split, name=name).to_list()
+    else:
+        rows = grounding_rows(path, fmt)
+    return rows[:limit] if limit else rows
+
+
+def prompt_text(row: dict, spec) -> str:
+    """A row's prompt: its `_template` (see `load_data`) formatted with its columns, else its prompt column."""
+    template = row.get("_template")
+    if template is None:
+        if spec.prompt_column not in row:
+            raise UserError(f"dataset `{spec.path}` has no column `{spec.prompt_column}` and no `prompt_template` "
+                            f"(columns: {', '.join(row)})")
+        return str(row[spec.prompt_column])
+    try:
+        return template.format(**row)
+    except (KeyError, IndexError, ValueError) as err:
+        raise UserError(f"data.prompt_template {template!r} cannot be filled from columns {sorted(row)}: "
+                        f"{type(err).__name__}: {err}") from None
 
 
 # ------------------------------------------------------------------------------------------ rendering
@@ -215,3 +241,11 @@ def collate(examples: list[dict], pad_id: int) -> dict:
     batch = {"input_ids": ids, "mask": mask[:, 1:]}
     batch["position_ids" if packed else "attention_mask"] = extra
     return batch
+
+
+def stack_padded(tensors, width: int):
+    """`[n, width]`: 1-D tensors right-padded with zeros to `width` and stacked (per-token log-probs of rows
+    of different lengths, aligned with `collate`'s targets)."""
+    import torch
+
+    return torch.stack([torch.nn.functional.pad(t, (0, width - t.shape[0])) for t in tensors])

@@ -8,9 +8,10 @@ Dims: `B` prompts, `G` group size, `N = B·G` rows, `T` tokens.
 from __future__ import annotations
 
 import dataclasses
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
-import torch
+if TYPE_CHECKING:  # annotations only: importing the shared nouns stays cheap (no torch)
+    import torch
 
 ReductionMode = Literal["token-mean", "seq-mean-token-mean", "seq-mean-token-sum-norm", "token-sum-norm"]
 
@@ -45,3 +46,12 @@ class BatchTotals:
 
     tokens: float
     seqs: float
+
+
+@dataclasses.dataclass
+class MediaPrompt:
+    """A prompt with a video: `token_ids` hold the expanded `<|video_pad|>` run (`video.expand_video_tokens`),
+    `media` the processed video (`posttrain.video.Media`); the samples of one prompt share its `media`."""
+
+    token_ids: list[int]
+    media: object  # posttrain.video.Media

@@ -24,3 +24,12 @@ def did_you_mean(word: str, choices) -> str:
     if best is not None:
         return f" (did you mean `{best}`?)"
     return f" (valid: {', '.join(choices)})"
+
+
+def describe(err: BaseException, limit: int = 500) -> str:
+    """`Type: message` of an exception, cut to `limit` characters (for warnings and worker replies)."""
+    try:
+        text = f"{type(err).__name__}: {err}" if str(err) else type(err).__name__
+    except Exception:  # a message that cannot be rendered
+        text = type(err).__name__
+    return text if len(text) <= limit else text[: limit - 3] + "..."

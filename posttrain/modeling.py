@@ -237,6 +237,14 @@ def _check_shape(arch: str, hidden: int, heads: int, kv_heads: int) -> None:
         )
 
 
+def auto_model_class(config):
+    """`AutoModelForCausalLM`, or `AutoModelForImageTextToText` for a vision-language config (one with a
+    `vision_config`, e.g. Qwen2.5-VL: transformers maps it only there)."""
+    from transformers import AutoModelForCausalLM, AutoModelForImageTextToText
+
+    return AutoModelForImageTextToText if hasattr(config, "vision_config") else AutoModelForCausalLM
+
+
 def build_model(config, tokenizer: "PreTrainedTokenizerFast", seed: int = 0) -> "PreTrainedModel":
     """Random-init a causal LM from `config`, deterministically for a given `seed`.
 
@@ -244,7 +252,6 @@ def build_model(config, tokenizer: "PreTrainedTokenizerFast", seed: int = 0) -> 
     with `<|endoftext|>` without callers passing them.
     """
     import torch
-    from posttrain.models import auto_model_class
 
     torch.manual_seed(seed)
     model = auto_model_class(config).from_config(config, dtype=torch.float32)

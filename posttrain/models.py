@@ -8,6 +8,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from posttrain.errors import UserError
+from posttrain.modeling import auto_model_class, new_model
 
 DTYPES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
 
@@ -39,14 +40,6 @@ def model_config(path: str | Path, trust_remote_code: bool = False):
         return AutoConfig.from_pretrained(str(path), trust_remote_code=trust_remote_code)
     except (OSError, ValueError) as err:
         raise UserError(f"cannot load a model config from `{path}`: {err}") from None
-
-
-def auto_model_class(config):
-    """`AutoModelForCausalLM`, or `AutoModelForImageTextToText` for a vision-language config (one with a
-    `vision_config`, e.g. Qwen2.5-VL: transformers maps it only there)."""
-    from transformers import AutoModelForCausalLM, AutoModelForImageTextToText
-
-    return AutoModelForImageTextToText if hasattr(config, "vision_config") else AutoModelForCausalLM
 
 
 def load_causal_lm(path: str | Path, spec):
@@ -94,8 +87,6 @@ def add_lora(model, lora):
 
 def build_new_model(out_dir: Path, new) -> Path:
     """Build the recipe's `model.new` (NewModelSpec) into `out_dir` once; reuse it if already complete."""
-    from posttrain.modeling import new_model
-
     if (out_dir / "config.json").is_file() and (out_dir / "tokenizer_config.json").is_file():
         return out_dir
     for corpus in new.tokenizer_corpus:

@@ -426,7 +426,7 @@ class VideoPrompts:
         return self._texts[i]
 
     def get(self, i: int):
-        from posttrain.rollout.base import MediaPrompt
+        from posttrain.datatypes import MediaPrompt
 
         media = self.media(i)
         if i not in self._ids:
@@ -440,21 +440,6 @@ def place_video(text: str) -> str:
     if text.count(VIDEO_MARKER) > 1:
         raise VideoError(f"a prompt may say {VIDEO_MARKER} once, got {text!r}")
     return text.replace(VIDEO_MARKER, VIDEO_PLACEHOLDER) if VIDEO_MARKER in text else VIDEO_PLACEHOLDER + text
-
-
-def prompt_text(row: dict, spec) -> str:
-    """A row's prompt: its `_template` (see `data.load_data`) formatted with its columns, else its prompt column."""
-    template = row.get("_template")
-    if template is None:
-        if spec.prompt_column not in row:
-            raise UserError(f"dataset `{spec.path}` has no column `{spec.prompt_column}` and no `prompt_template` "
-                            f"(columns: {', '.join(row)})")
-        return str(row[spec.prompt_column])
-    try:
-        return template.format(**row)
-    except (KeyError, IndexError, ValueError) as err:
-        raise UserError(f"data.prompt_template {template!r} cannot be filled from columns {sorted(row)}: "
-                        f"{type(err).__name__}: {err}") from None
 
 
 def video_prompts(tokenizer, model_path, rows: list[dict], video, fill, template: str = "plain",

@@ -7,6 +7,8 @@ os.environ.setdefault("OMP_NUM_THREADS", "1")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
+import posttrain.stages  # noqa: E402,F401  (registers the stage kinds: tests load recipes as the CLI does)
+
 
 def pytest_collection_modifyitems(config, items):
     import torch

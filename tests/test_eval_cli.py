@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 from posttrain.cli import main
-from posttrain.evaluation.spec import available_specs, load_spec, render_template
+from posttrain.recipe.benchmark import available_specs, load_spec, render_template
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED = REPO.parent / "shared" / "data"
@@ -98,7 +98,7 @@ def _write(path: Path, rows: list[dict]) -> Path:
 @needs_shared
 def test_charades_predictions_file(tmp_path):
     """The first 4 queries, predicted exactly, half-overlapping, unparsably, and not at all."""
-    from posttrain.evaluation.loaders import charades_rows
+    from posttrain.annotations import charades_rows
 
     gts = charades_rows(str(SHARED / "charades_sta" / "charades_sta_test.txt"))[:4]
     (s0, e0), (s1, e1) = gts[0]["span"], gts[1]["span"]
@@ -125,7 +125,7 @@ def test_activitynet_and_qvhighlights_prediction_files(tmp_path):
     import gzip
     import shutil
 
-    from posttrain.evaluation.loaders import activitynet_rows
+    from posttrain.annotations import activitynet_rows
 
     gts = activitynet_rows(str(SHARED / "activitynet_captions" / "val_2.json"))[:2]
     preds = [{"video": g["video"], "query": g["query"], "prediction": f"from {g['span'][0]}s to {g['span'][1]}s"}

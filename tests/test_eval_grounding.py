@@ -10,7 +10,7 @@ import pytest
 
 from posttrain.evaluation.grounding import (detection_ap, grounding_metrics, qvhighlights_metrics, recall_at,
                                             saliency_ap, span_ious)
-from posttrain.evaluation.loaders import load_benchmark_rows
+from posttrain.data import load_benchmark_rows
 from posttrain.rewards.temporal import parse_span, temporal_iou, temporal_iou_reward
 
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"

@@ -175,7 +175,7 @@ RL = MINIMAL.replace("  sft:", "  grpo:").replace("    args:", "    rewards: [{n
 
 
 def test_rl_geometry_and_rewards_are_checked(tmp_path):
-    from posttrain.recipe import check_rewards
+    from posttrain.reward import check_rewards
 
     r = load_recipe(write(tmp_path, RL))
     check_batch_geometry(r, 1)
@@ -211,7 +211,7 @@ eval:
 
 
 def test_eval_block_resolves_benchmark_specs_and_list_overrides(tmp_path):
-    from posttrain.evaluation.spec import recipe_benchmarks
+    from posttrain.recipe.benchmark import recipe_benchmarks
 
     r = load_recipe(write(tmp_path, EVAL), ["eval.benchmarks.1.limit=5", "eval.benchmarks.0.max_tokens=4"])
     specs, data = recipe_benchmarks(r.recipe.eval)

@@ -202,7 +202,7 @@ def test_trl_function_by_module_reference_and_file(tmp_path, monkeypatch):
 def test_entry_point_plugin(monkeypatch):
     from importlib.metadata import EntryPoint
 
-    import posttrain.reward as reward
+    import posttrain.reward.registry as reward
 
     entry = EntryPoint(name="ep_exact", value="posttrain.rewards.exact:exact_reward", group=reward.ENTRY_POINT_GROUP)
     monkeypatch.setattr(reward, "_entry_points", lambda: {"ep_exact": entry})
@@ -212,7 +212,7 @@ def test_entry_point_plugin(monkeypatch):
 
 
 def test_unpicklable_and_missing_column_are_user_errors(monkeypatch):
-    import posttrain.reward as reward
+    import posttrain.reward.registry as reward
 
     monkeypatch.setitem(reward._REGISTERED, "test_local_lambda", lambda completions, **kw: [1.0])
     with pytest.raises(UserError, match="cannot be sent to a worker process"):

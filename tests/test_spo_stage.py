@@ -12,7 +12,8 @@ from posttrain import judges, pipeline
 from posttrain.algorithms import grpo, spo
 from posttrain.errors import UserError
 from posttrain.judges import JudgeSpec, Judgments, LLMJudge, RewardModelJudge, RuleJudge
-from posttrain.recipe import check_rewards, load_recipe
+from posttrain.recipe import load_recipe
+from posttrain.reward import check_rewards
 from posttrain.rollout.base import Completion
 from posttrain.stages.rl import Group
 

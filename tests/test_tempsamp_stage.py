@@ -121,7 +121,7 @@ def test_charades_annotations_join_a_video_directory_and_skip_missing_videos(tin
     import numpy as np
 
     from posttrain.cli import main
-    from posttrain.evaluation.loaders import charades_rows
+    from posttrain.annotations import charades_rows
     from posttrain.video import write_video
 
     rows = charades_rows(str(SHARED / "charades_sta/charades_sta_test.txt"))[:6]

@@ -147,9 +147,8 @@ def credit(rewards: torch.Tensor, group_size: int, args: Args, *, logp_teacher: 
 
 def clipped_surrogate(logp: torch.Tensor, old_logp: torch.Tensor, adv: torch.Tensor, clip: float) -> torch.Tensor:
     """`max(−A·ρ, −A·clip(ρ, 1−ε, 1+ε))` per token, ρ = exp(logp − sg old_logp), A `[N]` broadcast."""
-    ratio = torch.exp((logp - old_logp.detach()).clamp(-grpo.LOG_RATIO_CLAMP, grpo.LOG_RATIO_CLAMP))
-    a = adv.detach().float().view(-1, 1)
-    return torch.maximum(-a * ratio, -a * ratio.clamp(1.0 - clip, 1.0 + clip))
+    ratio = grpo.importance_ratio(logp, old_logp.detach())
+    return grpo.clipped_surrogate(ratio, adv.detach().float().view(-1, 1), clip, clip)[0]
 
 
 def full_reverse_kl(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
@@ -166,7 +165,7 @@ def pi_distill_loss(logp_teacher: torch.Tensor, logp_student: torch.Tensor, batc
     m = batch["mask"].bool()
     old_t = batch.get("logp_teacher", logp_teacher.detach())
     loss_t = clipped_surrogate(logp_teacher, old_t, batch["adv_teacher"], args.clip)
-    ratio_s = torch.exp((logp_student - logp_teacher.detach()).clamp(-grpo.LOG_RATIO_CLAMP, grpo.LOG_RATIO_CLAMP))
+    ratio_s = grpo.importance_ratio(logp_student, logp_teacher.detach())
     loss_s = clipped_surrogate(logp_student, logp_teacher, batch["adv"], args.clip)
     kl_s = logp_teacher.detach() - logp_student  # forward KL(π_T‖π_S) on teacher samples
     loss_s = loss_s + args.beta * kl_s

@@ -150,6 +150,19 @@ def kl_penalty(logp: torch.Tensor, ref_logp: torch.Tensor, estimator: str = "k3"
     raise ValueError(f"unknown kl estimator {estimator!r} (k1, k2, k3)")
 
 
+def importance_ratio(logp: torch.Tensor, old_logp: torch.Tensor) -> torch.Tensor:
+    """ρ = exp(logp − old_logp) per token, the log-ratio clamped to ±`LOG_RATIO_CLAMP` (no overflow to inf)."""
+    return torch.exp((logp - old_logp).clamp(-LOG_RATIO_CLAMP, LOG_RATIO_CLAMP))
+
+
+def clipped_surrogate(ratio: torch.Tensor, adv: torch.Tensor, clip_low: float, clip_high: float):
+    """The PPO surrogate per token, `max(−A·ρ, −A·clip(ρ, 1−ε_low, 1+ε_high))`, and where its clipped branch
+    was taken (`[N, T]` bool). `adv` broadcasts against `ratio` (`[N, 1]` or `[N, T]`)."""
+    unclipped = -adv * ratio
+    clipped = -adv * ratio.clamp(1.0 - clip_low, 1.0 + clip_high)
+    return torch.maximum(unclipped, clipped), clipped > unclipped
+
+
 def policy_loss(
     logp: torch.Tensor,
     old_logp: torch.Tensor,
@@ -185,11 +198,8 @@ def policy_loss(
     if args.mask_truncated:
         m = m & ~truncated.bool().view(-1, 1)
 
-    ratio = torch.exp((logp - old_logp).clamp(-LOG_RATIO_CLAMP, LOG_RATIO_CLAMP))
-    unclipped = -a * ratio
-    clipped = -a * ratio.clamp(1.0 - args.clip_low, 1.0 + args.clip_high)
-    pg = torch.maximum(unclipped, clipped)
-    took_clip = clipped > unclipped
+    ratio = importance_ratio(logp, old_logp)
+    pg, took_clip = clipped_surrogate(ratio, a, args.clip_low, args.clip_high)
     metrics: dict[str, torch.Tensor] = {}
     if args.dual_clip is not None:
         cap = -a * args.dual_clip

@@ -40,7 +40,7 @@ from collections import Counter
 from typing import Literal, Sequence
 
 from posttrain.algorithms import grpo
-from posttrain.evaluation.metrics import majority_index
+from posttrain.algorithms.voting import majority_index
 
 
 @dataclasses.dataclass(frozen=True)

@@ -88,7 +88,7 @@ def overrides(ns) -> dict:
 
 
 def load_specs(ns, benches: list[str]) -> list:
-    from posttrain.evaluation.spec import load_spec
+    from posttrain.recipe.benchmark import load_spec
 
     specs = []
     for bench in benches:
@@ -127,7 +127,8 @@ def make_eval_engine(kind: str, model_path: str, dtype: str, batch_size: int):
     if kind != "hf":
         tokenizer = load_tokenizer(model_path)
         return make_engine(kind, model=None, tokenizer=tokenizer, path=model_path, dtype=name), tokenizer
-    from posttrain.models import auto_model_class, model_config
+    from posttrain.modeling import auto_model_class
+    from posttrain.models import model_config
 
     config = model_config(model_path)
     try:

@@ -15,7 +15,8 @@ from __future__ import annotations
 
 import math
 import re
-from collections import Counter
+
+from posttrain.algorithms.voting import majority_index
 
 
 def pass_at_k(n: int, c: int, k: int) -> float:
@@ -53,19 +54,6 @@ def vote_key(answer: str | None) -> str | None:
         value = float(text.replace(",", ""))
         text = str(int(value)) if value.is_integer() and abs(value) < 1e15 else repr(value)
     return text or None
-
-
-def majority_index(keys: list[str | None]) -> int | None:
-    """Index of the first sample voting for the most common key (ties: the key voted for first); None if no
-    sample has a key."""
-    counts = Counter(k for k in keys if k is not None)
-    if not counts:
-        return None
-    best = max(counts.values())
-    for i, key in enumerate(keys):
-        if key is not None and counts[key] == best:
-            return i
-    return None  # unreachable
 
 
 def maj_at_k(answers: list[str | None], correct: list[bool], k: int) -> float:

@@ -22,8 +22,9 @@ from pathlib import Path
 
 from posttrain.errors import UserError
 from posttrain.evaluation import grounding, metrics
-from posttrain.evaluation.loaders import load_benchmark_rows, read_jsonl
-from posttrain.evaluation.spec import BenchmarkSpec, data_path, render_template
+from posttrain.annotations import read_jsonl
+from posttrain.data import load_benchmark_rows
+from posttrain.recipe.benchmark import BenchmarkSpec, data_path, render_template
 
 PROMPTS_PER_CALL = 32  # prompts per engine call: the progress bar's granularity
 
@@ -96,7 +97,7 @@ class Evaluator:
         first sample's span (QVHighlights: its moment-retrieval metrics with that span as the one window)."""
         from tqdm.auto import tqdm
 
-        from posttrain.evaluation.spec import render_template, video_dir
+        from posttrain.recipe.benchmark import render_template, video_dir
         from posttrain.rewards.temporal import parse_span
         from posttrain.video import VideoError, video_prompts
 

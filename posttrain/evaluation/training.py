@@ -24,7 +24,7 @@ EVAL_FILE = "eval.jsonl"
 
 class TrainingEval:
     def __init__(self, resolved, run_dir: Path, accelerator, log):
-        from posttrain.evaluation.spec import recipe_benchmarks
+        from posttrain.recipe.benchmark import recipe_benchmarks
 
         self.spec = resolved.recipe.eval
         self.run_dir, self.acc, self.log = Path(run_dir), accelerator, log

@@ -7,18 +7,18 @@ geometry check and finishes in seconds.
 
 from __future__ import annotations
 
-import copy
 import dataclasses
 from pathlib import Path
-from typing import Any, get_args, get_origin
+from typing import Any
 
 import yaml
-from pydantic import BaseModel, ValidationError
+from pydantic import ValidationError
 
 from posttrain.errors import UserError, did_you_mean
+from posttrain.recipe.kinds import stage_kinds
 from posttrain.recipe.schema import Recipe, TrainArgs, geometry_problems, split_args, stage_args_model
+from posttrain.recipe.yamlfile import Where, deep_merge, locate, read_yaml, validation_errors
 
-Where = dict[tuple, str]  # key path -> "file:line" (or "override `k=v`")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -42,68 +42,22 @@ class Resolved:
     where: dict = dataclasses.field(default_factory=dict)  # key path -> "file:line"
 
     def locate(self, *keys) -> str:
-        return _locate(self.where, tuple(keys), self.source)
+        return locate(self.where, tuple(keys), self.source)
 
 
 # ---------------------------------------------------------------------------------------------- YAML
 
 
-def _read_yaml(path: Path) -> tuple[dict, Where]:
-    if not path.is_file():
-        raise UserError(f"{path}: recipe file not found")
-    text = path.read_text()
-    try:
-        node = yaml.compose(text, Loader=yaml.SafeLoader)
-        data = yaml.safe_load(text)
-    except yaml.YAMLError as err:
-        mark = getattr(err, "problem_mark", None)
-        at = f"{path}:{mark.line + 1}:{mark.column + 1}" if mark else str(path)
-        raise UserError(f"{at}: YAML syntax error: {getattr(err, 'problem', err)}") from None
-    if not isinstance(data, dict):
-        raise UserError(f"{path}: a recipe must be a YAML mapping (key: value), got {type(data).__name__}")
-    where: Where = {}
-    _index_lines(node, (), path, where)
-    return data, where
-
-
-def _index_lines(node, prefix: tuple, path: Path, where: Where) -> None:
-    """Record `file:line` of every key; reject duplicate keys (YAML would silently keep the last)."""
-    if isinstance(node, yaml.MappingNode):
-        seen = set()
-        for key_node, value_node in node.value:
-            key = key_node.value
-            loc = f"{path}:{key_node.start_mark.line + 1}"
-            if key in seen:
-                raise UserError(f"{loc}: {'.'.join(map(str, prefix + (key,)))}: duplicate key")
-            seen.add(key)
-            where[prefix + (key,)] = loc
-            _index_lines(value_node, prefix + (key,), path, where)
-    elif isinstance(node, yaml.SequenceNode):
-        for i, item in enumerate(node.value):
-            where[prefix + (i,)] = f"{path}:{item.start_mark.line + 1}"
-            _index_lines(item, prefix + (i,), path, where)
-
-
-def _deep_merge(base: dict, child: dict) -> dict:
-    out = copy.deepcopy(base)
-    for key, value in child.items():
-        if isinstance(value, dict) and isinstance(out.get(key), dict):
-            out[key] = _deep_merge(out[key], value)
-        else:
-            out[key] = copy.deepcopy(value)
-    return out
-
-
 def _with_base(path: Path) -> tuple[dict, Where]:
-    data, where = _read_yaml(path)
+    data, where = read_yaml(path)
     base_ref = data.pop("base", None)
     if base_ref is None:
         return data, where
     base_path = (path.parent / str(base_ref)).resolve()
-    base, base_where = _read_yaml(base_path)
+    base, base_where = read_yaml(base_path)
     if "base" in base:
         raise UserError(f"{base_where[('base',)]}: base: only one level of `base:` is allowed")
-    return _deep_merge(base, data), {**base_where, **where}
+    return deep_merge(base, data), {**base_where, **where}
 
 
 # ----------------------------------------------------------------------------------------- overrides
@@ -159,76 +113,22 @@ def _apply_overrides(data: dict, where: Where, overrides: list[str]) -> None:
 # ---------------------------------------------------------------------------------------- validation
 
 
-def _locate(where: Where, loc: tuple, source: str) -> str:
-    """The best known `file:line` for a key path: the path itself or its nearest ancestor."""
-    for end in range(len(loc), 0, -1):
-        if loc[:end] in where:
-            return where[loc[:end]]
-    return source
-
-
-def _valid_keys(model: type[BaseModel], loc: tuple) -> list[str]:
-    """The keys allowed at `loc` (the parent of an unknown key), walking the schema."""
-    for part in loc:
-        field = model.model_fields.get(part) if isinstance(part, str) else None
-        if field is None:
-            # inside a dict[str, Model]: the part is a user-chosen name (e.g. a stage name)
-            continue
-        model = _model_in(field.annotation)
-        if model is None:
-            return []
-    return list(model.model_fields)
-
-
-def _model_in(annotation):
-    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
-        return annotation
-    for arg in get_args(annotation):
-        found = _model_in(arg)
-        if found is not None:
-            return found
-    return None if get_origin(annotation) is None else None
-
-
-def _describe(err: dict, model: type[BaseModel], prefix: tuple) -> tuple[tuple, str]:
-    loc = prefix + tuple(p for p in err["loc"] if not (isinstance(p, str) and p.startswith("function-")))
-    key = ".".join(map(str, loc))
-    if err["type"] == "extra_forbidden":
-        valid = _valid_keys(model, tuple(err["loc"][:-1]))
-        hint = did_you_mean(str(loc[-1]), valid) if valid else ""
-        return loc, f"{key}: unknown key{hint}"
-    if err["type"] == "missing":
-        return loc, f"{key}: required key is missing"
-    got = err.get("input")
-    shown = f", got {got!r}" if not isinstance(got, dict) and got is not None else ""
-    return loc, f"{key}: {err['msg'][0].lower()}{err['msg'][1:]}{shown}"
-
-
-def _validation_error(exc: ValidationError, model, prefix: tuple, where: Where, source: str) -> list[str]:
-    lines = []
-    for err in exc.errors():
-        loc, message = _describe(err, model, prefix)
-        lines.append(f"{_locate(where, loc, source)}: {message}")
-    return lines
-
-
 def _validate_stage(name: str, spec, recipe_where: Where, source: str) -> tuple[Stage | None, list[str]]:
-    from posttrain.stages import STAGE_KINDS
-
+    STAGE_KINDS = stage_kinds()
     kind = spec.kind or name
     if kind not in STAGE_KINDS:
         loc = ("stages", name, "kind") if spec.kind else ("stages", name)
         what = f"stage kind `{kind}` is unknown" + did_you_mean(kind, STAGE_KINDS)
         hint = "" if spec.kind else " (set `kind:` when the stage name is not its kind)"
-        return None, [f"{_locate(recipe_where, loc, source)}: stages.{name}: {what}{hint}"]
+        return None, [f"{locate(recipe_where, loc, source)}: stages.{name}: {what}{hint}"]
     algo_args, rl, judged = STAGE_KINDS[kind].args, STAGE_KINDS[kind].rl, STAGE_KINDS[kind].judge
-    at = _locate(recipe_where, ("stages", name), source)
+    at = locate(recipe_where, ("stages", name), source)
     if judged and spec.judge is None:
         return None, [f"{at}: stages.{name}.judge: a `{kind}` stage needs a pairwise judge, e.g. "
                       f"`judge: {{kind: llm}}` or `judge: {{kind: rule, reward: {{name: exact}}}}`"]
     if not judged and spec.judge is not None:
         takes = ", ".join(f"`{k}`" for k, v in STAGE_KINDS.items() if v.judge)
-        return None, [f"{_locate(recipe_where, ('stages', name, 'judge'), source)}: stages.{name}.judge: "
+        return None, [f"{locate(recipe_where, ('stages', name, 'judge'), source)}: stages.{name}.judge: "
                       f"a `{kind}` stage takes no judge (only {takes} stages do)"]
     kind_spec = STAGE_KINDS[kind]
     for key, wanted in (("privileged", kind_spec.privileged), ("synthesizer", kind_spec.synthesizer)):
@@ -237,37 +137,35 @@ def _validate_stage(name: str, spec, recipe_where: Where, source: str) -> tuple[
             return None, [f"{at}: stages.{name}.{key}: a `{kind}` stage needs `{key}:`, e.g. {example}"]
         if not wanted and getattr(spec, key) is not None:
             takes = ", ".join(f"`{k}`" for k, v in STAGE_KINDS.items() if getattr(v, key))
-            return None, [f"{_locate(recipe_where, ('stages', name, key), source)}: stages.{name}.{key}: "
+            return None, [f"{locate(recipe_where, ('stages', name, key), source)}: stages.{name}.{key}: "
                           f"a `{kind}` stage takes no `{key}` (only {takes} stages do)"]
     if kind_spec.synthesizer and spec.rewards:
-        return None, [f"{_locate(recipe_where, ('stages', name, 'rewards'), source)}: stages.{name}.rewards: a "
+        return None, [f"{locate(recipe_where, ('stages', name, 'rewards'), source)}: stages.{name}.rewards: a "
                       f"`{kind}` stage reads no rewards: its solver is rewarded by majority-vote pseudo-labels"]
     if rl and not judged and not kind_spec.synthesizer and not spec.rewards:  # a judged stage's rewards are optional: logged, not trained on
         return None, [f"{at}: stages.{name}.rewards: a `{kind}` stage needs at least one reward, e.g. "
                       f"`rewards: [{{name: math}}]`"]
     if not rl and spec.rewards:
-        return None, [f"{_locate(recipe_where, ('stages', name, 'rewards'), source)}: stages.{name}.rewards: "
+        return None, [f"{locate(recipe_where, ('stages', name, 'rewards'), source)}: stages.{name}.rewards: "
                       f"a `{kind}` stage takes no rewards"]
     model = stage_args_model(kind, algo_args, rl)
     try:
         validated = model(**spec.args)
     except ValidationError as exc:
-        return None, _validation_error(exc, model, ("stages", name, "args"), recipe_where, source)
+        return None, validation_errors(exc, model, ("stages", name, "args"), recipe_where, source)
     train, algo = split_args(validated, algo_args, rl)
     shaped = getattr(algo, "shaped_reward", None) if getattr(algo, "soft_advantage", False) else None
     if shaped is not None and shaped not in (keys := [r.key for r in spec.rewards]):
-        return None, [f"{_locate(recipe_where, ('stages', name, 'args', 'shaped_reward'), source)}: "
+        return None, [f"{locate(recipe_where, ('stages', name, 'args', 'shaped_reward'), source)}: "
                       f"stages.{name}.args.shaped_reward: {shaped!r} is not one of the stage's rewards"
                       + did_you_mean(shaped, keys) + "; name the reward the soft advantage shapes"]
     synthesizer = None
     if kind_spec.synthesizer:
-        from posttrain.algorithms import grpo
-
-        synth_model = stage_args_model("synthesizer", grpo.Args, True)
+        synth_model = stage_args_model("synthesizer", kind_spec.synthesizer, True)
         try:
-            synthesizer = split_args(synth_model(**spec.synthesizer.args), grpo.Args, True)
+            synthesizer = split_args(synth_model(**spec.synthesizer.args), kind_spec.synthesizer, True)
         except ValidationError as exc:
-            return None, _validation_error(exc, synth_model, ("stages", name, "synthesizer", "args"), recipe_where, source)
+            return None, validation_errors(exc, synth_model, ("stages", name, "synthesizer", "args"), recipe_where, source)
     return Stage(name=name, kind=kind, spec=spec, train=train, algo=algo, synthesizer=synthesizer), []
 
 
@@ -280,7 +178,7 @@ def load_recipe(path: str | Path, overrides: list[str] = ()) -> Resolved:
     try:
         recipe = Recipe(**data)
     except ValidationError as exc:
-        raise UserError("\n".join(_validation_error(exc, Recipe, (), where, source))) from None
+        raise UserError("\n".join(validation_errors(exc, Recipe, (), where, source))) from None
     stages, problems = [], []
     for name, spec in recipe.stages.items():
         stage, errs = _validate_stage(name, spec, where, source)
@@ -342,7 +240,7 @@ def check_files(resolved: Resolved) -> None:
 
 def _eval_files(resolved: Resolved) -> list[tuple[str, str]]:
     """Resolve the `eval:` benchmark specs (unknown names and bad keys fail here) and list their data files."""
-    from posttrain.evaluation.spec import data_path, recipe_benchmarks
+    from posttrain.recipe.benchmark import data_path, recipe_benchmarks
 
     specs, data = recipe_benchmarks(resolved.recipe.eval, resolved.source)
     files = []
@@ -352,29 +250,3 @@ def _eval_files(resolved: Resolved) -> list[tuple[str, str]]:
         except UserError as err:
             raise UserError(f"{resolved.locate('eval', 'benchmarks', i)}: eval.benchmarks.{i}: {err}") from None
     return files
-
-
-def check_rewards(resolved: Resolved) -> None:
-    """Every reward (and every rule judge's verifier) resolves (built-in, registered, entry point or
-    module:function) and takes the settings given in its `kwargs`. Starts no worker process."""
-    from posttrain.reward import Scorer
-
-    problems = []
-    for stage in resolved.stages:
-        if not stage.spec.rewards:
-            continue
-        try:
-            Scorer(stage.spec.rewards).close()
-        except UserError as err:
-            problems.append(f"{resolved.locate('stages', stage.name, 'rewards')}: stages.{stage.name}.rewards: {err}")
-    for stage in resolved.stages:  # a rule judge's verifier
-        judge = getattr(stage.spec, "judge", None)
-        if judge is None or judge.reward is None:
-            continue
-        try:
-            Scorer([judge.reward]).close()
-        except UserError as err:
-            problems.append(f"{resolved.locate('stages', stage.name, 'judge', 'reward')}: "
-                            f"stages.{stage.name}.judge.reward: {err}")
-    if problems:
-        raise UserError("\n".join(problems))

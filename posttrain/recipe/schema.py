@@ -14,8 +14,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, create_model, model_validator
 
-from posttrain.judges import JudgeSpec
-from posttrain.reward import RewardSpec
+from posttrain.recipe.scoring import JudgeSpec, RewardSpec
 
 
 class Strict(BaseModel):

@@ -58,6 +58,7 @@ import dataclasses
 import importlib
 from typing import TYPE_CHECKING, Iterable, Literal, Protocol, runtime_checkable
 
+from posttrain.datatypes import MediaPrompt  # noqa: F401  (part of the engine protocol: prompts with a video)
 from posttrain.errors import UserError, did_you_mean
 
 if TYPE_CHECKING:  # pragma: no cover - typing only
@@ -129,13 +130,14 @@ class Completion:
     finish_reason: FinishReason  # "stop": eos or stop string; "length": max_tokens reached
 
 
-@dataclasses.dataclass
-class MediaPrompt:
-    """A prompt with a video: `token_ids` hold the expanded `<|video_pad|>` run (`video.expand_video_tokens`),
-    `media` the processed video (`posttrain.video.Media`); the samples of one prompt share its `media`."""
+WRAPPER_PREFIXES = ("module.", "_orig_mod.")  # DDP / DeepSpeed and torch.compile wrap parameter names
 
-    token_ids: list[int]
-    media: object  # posttrain.video.Media
+
+def unwrapped_name(name: str) -> str:
+    """A learner parameter name without wrapper prefixes (`module.`, `_orig_mod.`, in any order and number)."""
+    while name.startswith(WRAPPER_PREFIXES):
+        name = name.split(".", 1)[1]
+    return name
 
 
 @runtime_checkable

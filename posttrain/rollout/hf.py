@@ -47,15 +47,12 @@ from typing import TYPE_CHECKING, Iterable
 
 import torch
 
-from posttrain.rollout.base import Completion, MediaPrompt, RolloutError, SamplingParams
+from posttrain.rollout.base import Completion, MediaPrompt, RolloutError, SamplingParams, unwrapped_name
 
 if TYPE_CHECKING:  # pragma: no cover - typing only
     from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 # Prefixes wrappers add to parameter names: DDP / DeepSpeed (`module.`), torch.compile (`_orig_mod.`).
-_WRAPPER_PREFIXES = ("module.", "_orig_mod.")
-
-
 class HFEngine:
     """`RolloutEngine` over `model.generate`.
 
@@ -387,12 +384,7 @@ def _neutral_generation_config(model, config):
 
 def _match_name(name: str, own: dict) -> str | None:
     """`name` as a key of `own`, after stripping wrapper prefixes; None if it is not there."""
-    while True:
-        if name in own:
-            return name
-        for prefix in _WRAPPER_PREFIXES:
-            if name.startswith(prefix):
-                name = name[len(prefix) :]
-                break
-        else:
-            return None
+    for candidate in (name, unwrapped_name(name)):
+        if candidate in own:
+            return candidate
+    return None

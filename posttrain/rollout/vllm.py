@@ -43,9 +43,8 @@ import time
 from pathlib import Path
 from typing import Iterable
 
-from posttrain.rollout.base import Completion, RolloutError, SamplingParams
+from posttrain.rollout.base import Completion, RolloutError, SamplingParams, unwrapped_name
 
-_WRAPPER_PREFIXES = ("module.", "_orig_mod.")
 _SETTINGS_HINT = ("lower `vllm.gpu_memory_utilization` or set `vllm.kv_cache_memory_bytes` / `vllm.max_model_len` "
                   "in the stage, or use `engine: hf`")
 
@@ -173,7 +172,7 @@ class VLLMEngine:
         if self.lora:
             self._run_with_timeout(self._sync_adapter, "adapter sync")
             return
-        weights = [(_strip(name), t.detach()) for name, t in named_tensors]
+        weights = [(unwrapped_name(name), t.detach()) for name, t in named_tensors]
         weights += _tied_head(self.model, {name for name, _ in weights})
 
         self._run_with_timeout(lambda: self._reload(weights), "weight sync")
@@ -246,13 +245,6 @@ class VLLMEngine:
                 self._asleep = False
                 self.load_weights(self.model.named_parameters())
         self._asleep = False
-
-
-def _strip(name: str) -> str:
-    for prefix in _WRAPPER_PREFIXES:
-        while name.startswith(prefix):
-            name = name[len(prefix):]
-    return name
 
 
 def prompt_seed(seed: int, index: int) -> int:

@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 
 from posttrain.algorithms import distill
-from posttrain.data import collate, load_rows, render_prompt
+from posttrain.data import collate, load_rows, render_prompt, stack_padded
 from posttrain.errors import UserError
 from posttrain.learner import Learner
 from posttrain.stages import rl
@@ -63,10 +63,6 @@ def build_pair_rows(groups, trains, prompts: dict[str, rl.PromptSet]) -> list[di
     return rows
 
 
-def _stack(rows: list[dict], key: str, width: int) -> torch.Tensor:
-    return torch.stack([torch.nn.functional.pad(r[key], (0, width - r[key].shape[0])) for r in rows])
-
-
 def collate_pair(rows: list[dict], pad_id: int) -> dict:
     """Both roles' right-padded inputs (`<role>_input_ids`, `<role>_attention_mask`, `<role>_start`) and the
     response-aligned `mask` `[n, T]` plus per-row credit and rollout-time log-probs, when attached."""
@@ -84,7 +80,7 @@ def collate_pair(rows: list[dict], pad_id: int) -> dict:
         batch[name] = torch.tensor([r["credit"][name] for r in rows], dtype=torch.float32)
     for key in ("logp_teacher", "logp_student"):
         if key in rows[0]:
-            batch[key] = _stack(rows, key, width)
+            batch[key] = stack_padded([r[key] for r in rows], width)
     return batch
 
 
@@ -151,7 +147,7 @@ def run(ctx: StageContext) -> Path:
         mask = torch.zeros(len(rows), width)
         for i, r in enumerate(rows):
             mask[i, : r["length"]] = 1.0
-        logp = {role: _stack(rows, f"logp_{role}", width) for role in ROLES}
+        logp = {role: stack_padded([r[f"logp_{role}"] for r in rows], width) for role in ROLES}
         rewards = torch.tensor([x for g in groups for x in g.rewards], dtype=torch.float32)
         credit = distill.credit(rewards, t.group_size, args, logp_teacher=logp["teacher"],
                                 logp_student=logp["student"], mask=mask)

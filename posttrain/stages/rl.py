@@ -15,7 +15,6 @@ step's prompts (B / processes), samples and scores them on its own, and joins th
 from __future__ import annotations
 
 import dataclasses
-import math
 import time
 from functools import partial
 from pathlib import Path
@@ -25,7 +24,7 @@ import torch
 from posttrain import judges
 from posttrain.algorithms import grpo
 from posttrain.algorithms.ops import token_logprobs
-from posttrain.data import collate, load_data, render_prompt
+from posttrain.data import collate, load_data, prompt_text, render_prompt, stack_padded
 from posttrain.errors import UserError
 from posttrain.learner import Learner
 from posttrain.stages.context import BatchOrder, StageContext, chunks, run_loop, shard
@@ -62,7 +61,7 @@ def load_prompts(ctx: StageContext) -> PromptSet:
     spec = ctx.stage.spec.data
     rows = load_data(spec)
     if spec.video is not None:
-        from posttrain.video import prompt_text, video_prompts
+        from posttrain.video import video_prompts
 
         videos = video_prompts(ctx.tokenizer, ctx.init_path, rows.to_list(), spec.video,
                                lambda row: prompt_text(row, spec), spec.template, spec.system_prompt, f"dataset `{spec.path}`")
@@ -260,7 +259,7 @@ def collate_rl(rows: list[dict], pad_id: int) -> dict:
     for key in ("old_logp", "ref_logp"):
         if key in rows[0]:
             width = batch["mask"].shape[1]
-            batch[key] = torch.stack([torch.nn.functional.pad(r[key], (0, width - r[key].shape[0])) for r in rows])
+            batch[key] = stack_padded([r[key] for r in rows], width)
     return batch
 
 

@@ -8,7 +8,7 @@ from pathlib import Path
 
 from posttrain.algorithms import sft
 from posttrain.algorithms.ops import token_logprobs
-from posttrain.data import collate, load_data, load_rows, pack, tokenize_dataset
+from posttrain.data import collate, load_data, load_rows, pack, prompt_text, tokenize_dataset
 from posttrain.errors import UserError
 from posttrain.learner import Learner
 from posttrain.stages.context import BatchOrder, StageContext, chunks, run_loop, shard
@@ -49,7 +49,7 @@ class VideoExamples:
     the next readable one (reported once by the video cache), so every step keeps its batch size."""
 
     def __init__(self, ctx: StageContext, rows):
-        from posttrain.video import prompt_text, video_prompts
+        from posttrain.video import video_prompts
 
         spec = ctx.stage.spec.data
         if spec.packing:

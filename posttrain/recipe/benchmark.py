@@ -34,7 +34,8 @@ from pydantic import Field, ValidationError, model_validator
 
 from posttrain.errors import UserError, did_you_mean
 from posttrain.recipe.schema import Strict, VideoSpec
-from posttrain.reward import RewardSpec
+from posttrain.recipe.scoring import RewardSpec
+from posttrain.recipe.yamlfile import deep_merge, read_yaml, validation_errors
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 SPEC_DIR = REPO_ROOT / "eval"
@@ -133,16 +134,14 @@ def spec_path(name_or_path: str) -> Path:
 def load_spec(name_or_path: str, overrides: dict | None = None) -> BenchmarkSpec:
     """Read a spec file, deep-merge `overrides` (e.g. {"sampling": {"n": 16}}) and validate it strictly;
     errors name the file, line and key."""
-    from posttrain.recipe.load import _deep_merge, _read_yaml, _validation_error
-
     path = spec_path(name_or_path)
-    data, where = _read_yaml(path)
-    data = _deep_merge(data, overrides or {})
+    data, where = read_yaml(path)
+    data = deep_merge(data, overrides or {})
     data.setdefault("source", str(path))
     try:
         return BenchmarkSpec(**data)
     except ValidationError as exc:
-        raise UserError("\n".join(_validation_error(exc, BenchmarkSpec, (), where, str(path)))) from None
+        raise UserError("\n".join(validation_errors(exc, BenchmarkSpec, (), where, str(path)))) from None
 
 
 def inline_spec(data: dict, where: str) -> BenchmarkSpec:
@@ -178,8 +177,6 @@ def video_dir(spec: BenchmarkSpec) -> str | None:
 
 def recipe_benchmarks(eval_spec, source: str = "recipe") -> tuple[list[BenchmarkSpec], dict[str, str]]:
     """The specs a recipe's `eval:` block asks for (`EvalBenchmark` overrides applied) and their data paths."""
-    from posttrain.recipe.load import _deep_merge
-
     specs, data = [], {}
     for i, entry in enumerate(eval_spec.benchmarks):
         sampling = {k: v for k, v in {"n": entry.n, "temperature": entry.temperature, "top_p": entry.top_p,
@@ -189,7 +186,7 @@ def recipe_benchmarks(eval_spec, source: str = "recipe") -> tuple[list[Benchmark
             extra["metrics"] = {"k": entry.k}
         if entry.limit is not None:
             extra["limit"] = entry.limit
-        overrides = _deep_merge(entry.spec, extra)
+        overrides = deep_merge(entry.spec, extra)
         where = f"{source}: eval.benchmarks.{i}"
         try:
             spec = load_spec(entry.bench, overrides) if entry.bench else inline_spec(overrides, where + ".spec")

@@ -1,13 +1,13 @@
-"""Benchmark rows as plain dicts, from every format the specs name.
+"""Annotation and benchmark files read as plain rows (no `datasets`: their columns mix types).
 
-    auto          anything `posttrain.data.load_rows` reads: a local json/jsonl/parquet/csv file, a saved
-                  dataset directory or a hub id (through `datasets`)
+    read_jsonl    one dict per line; a bad line is an error naming the file and line
     charades      Charades-STA annotations, one query per line: `<video> <start> <end>##<sentence>`
     activitynet   ActivityNet Captions: {video: {duration, timestamps: [[s, e], ...], sentences: [...]}}
     qvhighlights  QVHighlights jsonl: {qid, query, vid, duration, relevant_windows, relevant_clip_ids, ...}
 
 Grounding rows all get `video`, `query`, `span` ([start, end] s, the first relevant window for QVHighlights)
-and `duration` (None when the annotation has none: Charades-STA lists no durations).
+and `duration` (None when the annotation has none: Charades-STA lists no durations). `data.load_benchmark_rows`
+picks the reader by format.
 """
 
 from __future__ import annotations
@@ -17,21 +17,7 @@ from pathlib import Path
 
 from posttrain.errors import UserError
 
-
-def load_benchmark_rows(path: str, fmt: str = "auto", split: str = "test", name: str | None = None,
-                        limit: int | None = None) -> list[dict]:
-    loaders = {"charades": charades_rows, "activitynet": activitynet_rows, "qvhighlights": qvhighlights_rows}
-    if fmt == "auto":
-        from posttrain.data import load_rows
-
-        rows = read_jsonl(path) if path.endswith(".jsonl") and Path(path).is_file() else None
-        if rows is None:
-            rows = load_rows(path, split=split, name=name).to_list()
-    else:
-        if not Path(path).is_file():
-            raise UserError(f"{fmt} annotations `{path}` not found (relative paths are read from {Path.cwd()})")
-        rows = loaders[fmt](path)
-    return rows[:limit] if limit else rows
+GROUNDING_FORMATS = ("charades", "activitynet", "qvhighlights")
 
 
 def read_jsonl(path: str) -> list[dict]:
@@ -85,3 +71,11 @@ def qvhighlights_rows(path: str) -> list[dict]:
         windows = row.get("relevant_windows") or [[0.0, 0.0]]
         rows.append({**row, "video": row["vid"], "span": [float(windows[0][0]), float(windows[0][1])]})
     return rows
+
+
+def grounding_rows(path: str, fmt: str) -> list[dict]:
+    """The rows of a grounding annotation file in format `fmt` (one of `GROUNDING_FORMATS`)."""
+    readers = {"charades": charades_rows, "activitynet": activitynet_rows, "qvhighlights": qvhighlights_rows}
+    if not Path(path).is_file():
+        raise UserError(f"{fmt} annotations `{path}` not found (relative paths are read from {Path.cwd()})")
+    return readers[fmt](path)
