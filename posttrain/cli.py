@@ -13,11 +13,13 @@ import sys
 
 def _validate(ns) -> int:
     import posttrain.stages  # noqa: F401  (registers the stage kinds the recipe is checked against)
+    from posttrain.data import check_data_files
     from posttrain.recipe import check_batch_geometry, check_files, load_recipe
     from posttrain.reward import check_rewards
 
     resolved = load_recipe(ns.recipe, ns.overrides)
     check_files(resolved)
+    check_data_files(resolved)
     check_rewards(resolved)
     processes = ns.num_processes or int(os.environ.get("WORLD_SIZE", "1"))
     check_batch_geometry(resolved, processes)
@@ -28,11 +30,13 @@ def _validate(ns) -> int:
 
 def _train(ns) -> int:
     from posttrain import pipeline  # imports posttrain.stages: the stage kinds are registered
+    from posttrain.data import check_data_files
     from posttrain.recipe import check_files, load_recipe
     from posttrain.reward import check_rewards
 
     resolved = load_recipe(ns.recipe, ns.overrides)
     check_files(resolved)
+    check_data_files(resolved)
     check_rewards(resolved)
     run_dir = ns.resume or ns.run_dir
     pipeline.run(resolved, run_dir=run_dir, resume=ns.resume is not None)
@@ -107,7 +111,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from posttrain.errors import UserError
+    from posttrain.errors import UserError, storage_error
 
     parser = build_parser()
     # Overrides may come after options (`train R --run-dir D k=v`): argparse leaves those unparsed.
@@ -122,6 +126,12 @@ def main(argv: list[str] | None = None) -> int:
     except UserError as err:
         print(f"posttrain: error: {err}", file=sys.stderr)
         return err.exit_code
+    except OSError as err:
+        message = storage_error(err)
+        if message is None:
+            raise
+        print(f"posttrain: error: {message}", file=sys.stderr)
+        return 2
     except KeyboardInterrupt:
         print("posttrain: interrupted", file=sys.stderr)
         return 130

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import difflib
+import errno
 
 
 class UserError(Exception):
@@ -33,3 +34,20 @@ def describe(err: BaseException, limit: int = 500) -> str:
     except Exception:  # a message that cannot be rendered
         text = type(err).__name__
     return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+_STORAGE = {errno.ENOSPC: "no space left on the device", errno.EACCES: "permission denied",
+            errno.EPERM: "operation not permitted", errno.EROFS: "read-only file system",
+            errno.EDQUOT: "disk quota exceeded", errno.ENOTDIR: "a part of the path is a file, not a directory"}
+
+
+def storage_error(err: OSError) -> str | None:
+    """A one-line message for a write that failed for a reason the user can fix (full disk, permissions,
+    read-only file system, a file where a directory should be), naming the path; None for other errors."""
+    cause = _STORAGE.get(err.errno)
+    if cause is None:
+        return None
+    where = err.filename or "a file"
+    return f"cannot write `{where}`: {cause}. Free space, fix the permissions or pass another --run-dir; " \
+           f"a run stopped by this resumes from its last checkpoint with --resume"
+

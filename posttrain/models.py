@@ -19,9 +19,32 @@ def torch_dtype(name: str):
     return getattr(torch, DTYPES[name])
 
 
+def check_model_dir(path: str | Path) -> None:
+    """A path that looks local (`./`, `../`, `/`, or an existing directory) must be a Hugging Face model directory:
+    say exactly what is wrong with it (a UserError), instead of transformers' hub-id, `model_type` or
+    sentencepiece/tiktoken messages. Anything else is left to the hub."""
+    text = str(path)
+    local = Path(text)
+    if not (text.startswith(("./", "../", "/")) or local.is_dir()):
+        return
+    if not local.exists():
+        where = "" if local.is_absolute() else f" (relative to {Path.cwd()})"
+        raise UserError(f"`{text}` does not exist{where}")
+    if not local.is_dir():
+        raise UserError(f"`{text}` is a file, not a Hugging Face model directory (a directory with config.json)")
+    if not (local / "config.json").is_file():
+        finals = sorted((d for d in [local / "final", *local.glob("*/final")] if (d / "config.json").is_file()),
+                        key=lambda d: d.stat().st_mtime)  # the last stage's last
+        hint = ("a run or stage directory: use " + " or ".join(f"`{d}`" for d in finals) if finals
+                else "a run directory? use RUN/<stage>/final")
+        raise UserError(f"`{text}` is a directory but holds no config.json (not a Hugging Face model directory; "
+                        f"{hint})")
+
+
 def load_tokenizer(path: str | Path, trust_remote_code: bool = False):
     from transformers import AutoTokenizer
 
+    check_model_dir(path)
     try:
         tok = AutoTokenizer.from_pretrained(str(path), trust_remote_code=trust_remote_code)
     except (OSError, ValueError) as err:
@@ -36,6 +59,7 @@ def model_config(path: str | Path, trust_remote_code: bool = False):
     """The transformers config at `path` (a UserError naming the path when there is none)."""
     from transformers import AutoConfig
 
+    check_model_dir(path)
     try:
         return AutoConfig.from_pretrained(str(path), trust_remote_code=trust_remote_code)
     except (OSError, ValueError) as err:

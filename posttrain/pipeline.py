@@ -12,6 +12,7 @@ Run directory:
 
 from __future__ import annotations
 
+import shutil
 from pathlib import Path
 
 import yaml
@@ -65,9 +66,34 @@ def _prepare_run_dir(resolved: Resolved, run_dir: Path, resume: bool, acc) -> No
             )
         if resume and not (run_dir / RESOLVED_FILE).is_file():
             raise UserError(f"--resume {run_dir}: no {RESOLVED_FILE} there, so there is no run to resume")
-        run_dir.mkdir(parents=True, exist_ok=True)
+        check_writable(run_dir)
         _write_resolved(resolved, run_dir, resume)
     acc.wait_for_everyone()
+
+
+MIN_FREE_BYTES = 256 * 2**20  # below this, the first checkpoint of even a small model would not fit
+
+
+def check_writable(run_dir: Path) -> None:
+    """Before any model loads: the run directory can be made and written, and its disk is not full."""
+    for parent in [run_dir, *run_dir.parents]:
+        if parent.exists():
+            if not parent.is_dir():
+                raise UserError(f"run directory `{run_dir}`: `{parent}` is a file, not a directory")
+            break
+    probe = run_dir / ".posttrain-write-test"
+    try:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        probe.write_text("ok")
+        probe.unlink()
+    except OSError as err:
+        raise UserError(f"run directory `{run_dir}` cannot be written: {err.strerror or err} "
+                        f"(`{err.filename or probe}`)") from None
+    free = shutil.disk_usage(run_dir).free
+    if free < MIN_FREE_BYTES:
+        raise UserError(f"run directory `{run_dir}`: only {free / 2**20:.0f} MiB free on its disk "
+                        f"(at least {MIN_FREE_BYTES // 2**20} MiB needed for checkpoints); free space or pass "
+                        f"another --run-dir")
 
 
 def _write_resolved(resolved: Resolved, run_dir: Path, resume: bool) -> None:
@@ -78,7 +104,7 @@ def _write_resolved(resolved: Resolved, run_dir: Path, resume: bool) -> None:
         previous = sorted(run_dir.glob(RESOLVED_FILE + ".prev*"))
         path.rename(run_dir / f"{RESOLVED_FILE}.prev{len(previous)}")
         print(f"[posttrain] the recipe differs from the one this run started with; previous kept beside it")
-    path.write_text(text)
+    checkpoint.write_atomic(path, text)
 
 
 def _initial_model(resolved: Resolved, run_dir: Path, acc) -> Path:

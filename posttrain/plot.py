@@ -1,11 +1,21 @@
 """Plot a run's training curves from `run_dir/metrics.jsonl` into PNG files.
 
-Each line of metrics.jsonl is one JSON object with at least `stage` (str) and `step` (int) plus numeric
-metrics (`loss`, `lr`, `grad_norm`, `eval/loss`, `reward/mean`, ...). Stages are laid end to end in file
-order on one global step axis, with a dashed line and the stage name at every boundary. Metrics are
-grouped by the prefix before '/' (`reward/mean` and `reward/std` share the figure `reward.png`, one panel
-each); timing keys go to `time.png`. With many points the raw values are drawn faintly under an
-exponential moving average.
+Each line of metrics.jsonl is one JSON object with at least `stage` (str) and `step` (int), the wall clock
+`time` and numeric metrics (`loss`, `lr`, `grad_norm`, `eval/loss`, `reward/total/mean`, ...). Stages are
+laid end to end in file order on one global step axis. Metrics are grouped by the prefix before '/'
+(`reward/mean` and `reward/std` share the figure `reward.png`, one panel each); timing keys go to `time.png`.
+
+* A panel spans only the stages that log its metric (GRPO's reward does not leave the SFT steps empty), with
+  a dashed line and the stage name at every stage boundary inside it.
+* A training loss gets one panel per stage kind (SFT's NLL and GRPO's surrogate, ~1e-9, are different
+  objectives), and any metric whose stages differ in scale by more than `SCALE_RATIO` gets one panel per
+  scale, so no stage is flattened against another.
+* Held-out evaluation (`eval/...` keys, plus the rows of `eval.jsonl` beside metrics.jsonl that
+  metrics.jsonl lacks) is one connected curve across stages, each point coloured by its stage.
+* The wall clock is drawn as the elapsed time since the first logged line (in s, min or h); the timing
+  metrics (`time/step`, ...) are labelled in seconds.
+
+With many points the raw values are drawn faintly under an exponential moving average.
 
     posttrain plot runs/quickstart            # -> runs/quickstart/plots/*.png
 """
@@ -21,12 +31,18 @@ from pathlib import Path
 from posttrain.errors import UserError
 
 METRICS_FILE = "metrics.jsonl"
+EVAL_FILE = "eval.jsonl"  # posttrain.evaluation.training.EVAL_FILE: one row per evaluated checkpoint
+RESOLVED_FILE = "recipe.resolved.yaml"  # posttrain.pipeline.RESOLVED_FILE: says each stage's kind
 FIRST_GROUPS = ("loss", "lr", "grad_norm")  # always plotted first, each in its own figure
-NON_METRIC_KEYS = {"stage", "step", "global_step", "timestamp", "wall_time", "epoch"}
+WALL_CLOCK_KEYS = ("time", "timestamp", "wall_time")  # epoch seconds: drawn as ELAPSED_KEY instead
+ELAPSED_KEY = "time/elapsed"  # seconds since the first logged line, added by add_elapsed
+NON_METRIC_KEYS = {"stage", "step", "global_step", "epoch", *WALL_CLOCK_KEYS}
 TIME_PREFIXES = {"time", "timing", "perf", "throughput"}
 TIME_SUFFIXES = ("time", "_s", "_sec", "_secs", "_seconds", "_ms", "elapsed", "per_sec", "per_s")
 EMA_MIN_POINTS = 40  # below this many points per stage, draw the raw values only (with markers)
 UNSMOOTHED = ("lr", "learning_rate")  # schedules: drawn exactly, never EMA-smoothed
+STAGE_BOUNDARY = "stage-boundary"  # gid of the dashed lines between stages (tells them from data lines)
+SCALE_RATIO = 30.0  # stages whose typical |value| differ by more than this share no panel
 
 
 class MetricsNotFoundError(UserError, FileNotFoundError):
@@ -109,13 +125,95 @@ def stage_segments(records: list[dict]) -> list[dict]:
     return segments
 
 
+def add_elapsed(records: list[dict]) -> None:
+    """Give every record with a wall clock (`time`, epoch seconds) `ELAPSED_KEY`: seconds since the earliest."""
+    stamps = [(rec, _wall_clock(rec)) for rec in records]
+    known = [t for _, t in stamps if t is not None]
+    if not known:
+        return
+    start = min(known)
+    for rec, t in stamps:
+        if t is not None:
+            rec[ELAPSED_KEY] = t - start
+
+
+def _wall_clock(rec: dict) -> float | None:
+    """The record's wall clock in epoch seconds, or None."""
+    for key in WALL_CLOCK_KEYS:
+        value = rec.get(key)
+        if _is_number(value) and math.isfinite(value):
+            return float(value)
+    return None
+
+
+def load_eval_rows(path) -> list[dict]:
+    """The rows of an eval.jsonl as metrics records {stage, step, eval/<bench>/<metric>: value}; [] when the
+    file is missing, and lines that are not such rows are skipped."""
+    path = Path(path)
+    if not path.is_file():
+        return []
+    out = []
+    for line in path.read_text(encoding="utf-8", errors="replace").splitlines():
+        try:
+            row = json.loads(line)
+        except ValueError:
+            continue
+        if not (isinstance(row, dict) and isinstance(row.get("stage"), str) and _is_number(row.get("step"))
+                and isinstance(row.get("metrics"), dict)):
+            continue
+        flat = {f"eval/{bench}/{metric}": value for bench, values in row["metrics"].items()
+                if isinstance(values, dict) for metric, value in values.items() if _is_number(value)}
+        if flat:
+            out.append({"stage": row["stage"], "step": row["step"], **flat})
+    return out
+
+
+def merge_eval_rows(segments: list[dict], rows: list[dict]) -> None:
+    """Add to each stage segment the eval.jsonl results that its metrics.jsonl lines lack (a run from before
+    evaluations were logged there, or lines lost to a crash). A row whose stage logged nothing is dropped."""
+    for row in rows:
+        seg = next((s for s in reversed(segments) if s["name"] == row["stage"]), None)
+        if seg is None:
+            continue
+        logged = {key for rec in seg["records"] if rec["step"] == row["step"] for key in rec}
+        missing = {k: v for k, v in row.items() if k.startswith("eval/") and k not in logged}
+        if missing:
+            seg["records"].append({"stage": row["stage"], "step": row["step"], **missing})
+            x = row["step"] + seg["offset"]
+            seg["start"], seg["end"] = min(seg["start"], x), max(seg["end"], x)
+
+
+def stage_kinds(path) -> dict[str, str]:
+    """{stage name: kind} from a run's recipe.resolved.yaml (a stage's kind is its name unless `kind:` says
+    otherwise); {} when the file is missing or unreadable."""
+    path = Path(path)
+    if not path.is_file():
+        return {}
+    import yaml
+
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, yaml.YAMLError):
+        return {}
+    stages = data.get("stages") if isinstance(data, dict) else None
+    if not isinstance(stages, dict):
+        return {}
+    return {str(name): str((spec.get("kind") if isinstance(spec, dict) else None) or name)
+            for name, spec in stages.items()}
+
+
 def metric_group(key: str) -> str:
     """The figure a metric key goes to: its prefix before '/', or "time" for timing keys."""
     prefix = key.split("/", 1)[0]
     leaf = key.rsplit("/", 1)[-1].lower()
-    if prefix.lower() in TIME_PREFIXES or leaf.endswith(TIME_SUFFIXES) or leaf.startswith("time"):
+    if prefix.lower() in TIME_PREFIXES or leaf.endswith(TIME_SUFFIXES) or _is_time_leaf(leaf):
         return "time"
     return prefix
+
+
+def _is_time_leaf(leaf: str) -> bool:
+    """`time`, `time_gen`, `timer`... but not `timeouts` (a verifier count)."""
+    return leaf == "time" or (leaf.startswith("time") and not leaf.startswith("timeout"))
 
 
 def numeric_keys(records: list[dict]) -> list[str]:
@@ -129,12 +227,13 @@ def numeric_keys(records: list[dict]) -> list[str]:
 
 
 def group_keys(keys: list[str]) -> dict[str, list[str]]:
-    """Metric keys by figure: loss, lr, grad_norm first, then the other groups by name, time last."""
+    """Metric keys by figure: loss, lr, grad_norm first, then the other groups by name, time last (its
+    elapsed time first)."""
     groups: dict[str, list[str]] = {}
     for key in keys:
         groups.setdefault(key if key in FIRST_GROUPS else metric_group(key), []).append(key)
     for name in groups:
-        groups[name].sort(key=lambda k: (k not in FIRST_GROUPS, k))
+        groups[name].sort(key=lambda k: (k not in FIRST_GROUPS, k != ELAPSED_KEY, k))
     order = lambda name: (name not in FIRST_GROUPS, FIRST_GROUPS.index(name) if name in FIRST_GROUPS else 0,
                           name == "time", name)
     return {name: groups[name] for name in sorted(groups, key=order)}
@@ -164,61 +263,162 @@ def ema(values: list[float], span: int) -> list[float]:
     return out
 
 
-def _draw_panel(ax, segments: list[dict], key: str) -> None:
-    """One metric on one axes: a line per stage (raw faint + EMA when dense), stage boundaries, labels."""
+def is_joined(key: str) -> bool:
+    """Drawn as one connected curve across stages: held-out evaluation and the elapsed time measure the same
+    thing in every stage (a training loss or a reward does not)."""
+    return key == ELAPSED_KEY or key.startswith("eval/")
+
+
+def _is_objective(key: str) -> bool:
+    """A training loss: what it measures depends on the stage kind (NLL, a policy-gradient surrogate, ...)."""
+    leaf = key.rsplit("/", 1)[-1]
+    return not key.startswith("eval/") and (leaf == "loss" or leaf.endswith("_loss"))
+
+
+def _scale(values: list[float]) -> float:
+    """A stage's typical magnitude: the 90th percentile of |value| (robust to a first-step spike)."""
+    mags = sorted(abs(v) for v in values)
+    return mags[min(len(mags) - 1, int(0.9 * len(mags)))]
+
+
+def _same_scale(scales: list[float]) -> bool:
+    """Whether stages of these typical magnitudes read well on one axis: the non-zero ones within SCALE_RATIO
+    (a stage that is all zeros reads as a flat zero on any axis)."""
+    nonzero = [s for s in scales if s > 0]
+    return not nonzero or max(nonzero) <= SCALE_RATIO * min(nonzero)
+
+
+def metric_panels(segments: list[dict], key: str, kinds: dict[str, str] | None = None) -> list[dict]:
+    """The panels that draw `key`: dicts {key, segments (indices of the stages drawn), joined, title}.
+
+    A joined key (evaluation, elapsed time) is one panel over every stage that logs it. Any other key is
+    split into groups of stages that share a kind (for a training loss, when `kinds` knows the stages) and a
+    scale (typical magnitudes within SCALE_RATIO), one panel each, in stage order.
+    """
+    kinds = kinds or {}
+    values = {i: series(seg, key)[1] for i, seg in enumerate(segments)}
+    present = [i for i, ys in values.items() if ys]
+    if not present:
+        return []
+    if is_joined(key):
+        return [{"key": key, "segments": present, "joined": True, "title": _title(key)}]
+    by_kind: dict[str | None, list[int]] = {}
+    for i in present:
+        by_kind.setdefault(kinds.get(segments[i]["name"]) if _is_objective(key) else None, []).append(i)
+    groups: list[list[int]] = []
+    for members in by_kind.values():
+        split: list[list[int]] = []
+        for i in members:
+            s = _scale(values[i])
+            home = next((g for g in split if _same_scale([_scale(values[j]) for j in g] + [s])), None)
+            if home is None:
+                split.append([i])
+            else:
+                home.append(i)
+        groups += split
+    groups.sort(key=lambda g: g[0])
+    panels = []
+    for g in groups:
+        title = _title(key) if len(groups) == 1 else f"{_title(key)} · {', '.join(segments[i]['name'] for i in g)}"
+        panels.append({"key": key, "segments": g, "joined": False, "title": title})
+    return panels
+
+
+def _title(key: str) -> str:
+    return "elapsed wall-clock time" if key == ELAPSED_KEY else key
+
+
+def _time_unit(seconds: float) -> tuple[str, float]:
+    """(unit, seconds per unit) that keeps an elapsed time readable."""
+    if seconds < 120:
+        return "s", 1.0
+    if seconds < 2 * 3600:
+        return "min", 60.0
+    return "h", 3600.0
+
+
+def _ylabel(key: str, unit: str | None) -> str:
+    """The leaf of the key, with its unit when it is a time (timing metrics are measured in seconds)."""
+    leaf = key.rsplit("/", 1)[-1]
+    if key == ELAPSED_KEY:
+        return f"elapsed ({unit})"
+    if metric_group(key) != "time":
+        return key if leaf == "s" else leaf  # tokens/s, not "s"
+    low = leaf.lower()
+    if low.endswith(("per_sec", "per_s")):
+        return f"{leaf} (1/s)"
+    return f"{leaf} (ms)" if low.endswith("_ms") else f"{leaf} (s)"
+
+
+def _draw_panel(ax, segments: list[dict], panel: dict) -> None:
+    """One panel: a line per stage (raw faint + EMA when dense), or one connected line across stages for a
+    joined key; x spanning only the panel's stages, their boundaries marked; labels with units."""
+    key, members = panel["key"], panel["segments"]
+    per_stage = {i: series(segments[i], key) for i in members}
+    unit, per_unit = None, 1.0
+    if key == ELAPSED_KEY:
+        unit, per_unit = _time_unit(max(max(ys) for _, ys in per_stage.values()))
     all_ys = []
-    for i, seg in enumerate(segments):
-        xs, ys = series(seg, key)
-        if not xs:
-            continue
-        all_ys += ys
-        color = f"C{i % 10}"
-        if key.rsplit("/", 1)[-1] in UNSMOOTHED:
-            ax.plot(xs, ys, color=color, linewidth=1.6)
-        elif len(xs) >= EMA_MIN_POINTS:
-            ax.plot(xs, ys, color=color, alpha=0.25, linewidth=0.8)
-            ax.plot(xs, ema(ys, max(2, len(xs) // 10)), color=color, linewidth=1.8)
-        else:
-            ax.plot(xs, ys, color=color, linewidth=1.4, marker="o", markersize=3)
-    _mark_stages(ax, segments)
-    lo, hi = segments[0]["start"], segments[-1]["end"]
+    if panel["joined"]:
+        points = sorted(((x, y / per_unit, i) for i, (xs, ys) in per_stage.items() for x, y in zip(xs, ys)),
+                        key=lambda p: p[0])
+        xs, ys = [p[0] for p in points], [p[1] for p in points]
+        all_ys = ys
+        ax.plot(xs, ys, color="0.3", linewidth=1.6)
+        if len(points) < EMA_MIN_POINTS:
+            ax.scatter(xs, ys, c=[f"C{p[2] % 10}" for p in points], s=24, zorder=3)
+    else:
+        for i, (xs, ys) in per_stage.items():
+            all_ys += ys
+            color = f"C{i % 10}"
+            if key.rsplit("/", 1)[-1] in UNSMOOTHED:
+                ax.plot(xs, ys, color=color, linewidth=1.6)
+            elif len(xs) >= EMA_MIN_POINTS:
+                ax.plot(xs, ys, color=color, alpha=0.25, linewidth=0.8)
+                ax.plot(xs, ema(ys, max(2, len(xs) // 10)), color=color, linewidth=1.8)
+            else:
+                ax.plot(xs, ys, color=color, linewidth=1.4, marker="o", markersize=3)
+    first, last = min(members), max(members)
+    _mark_stages(ax, segments, first, last)
+    lo, hi = segments[first]["start"], max(segments[i]["end"] for i in range(first, last + 1))
     pad = max(1.0, (hi - lo) * 0.02)
-    ax.set_xlim(lo - pad, hi + pad)  # every figure spans the whole run, so stages line up across files
+    ax.set_xlim(lo - pad, hi + pad)  # only the stages that log this metric
     finite = [y for y in all_ys if math.isfinite(y)]
     if finite and min(finite) > 0 and max(finite) / min(finite) > 1e3:
         ax.set_yscale("log")
-    ax.set_title(key, fontsize=10)
+    ax.set_title(panel["title"], fontsize=10)
     ax.set_xlabel("global step")
-    ax.set_ylabel(key.rsplit("/", 1)[-1])
+    ax.set_ylabel(_ylabel(key, unit))
     ax.grid(True, alpha=0.3)
 
 
-def _mark_stages(ax, segments: list[dict]) -> None:
-    """Dashed vertical lines between stages and the stage names along the top of the axes."""
+def _mark_stages(ax, segments: list[dict], first: int, last: int) -> None:
+    """Dashed vertical lines between stages `first`..`last` and their names along the top of the axes."""
     transform = ax.get_xaxis_transform()  # x in data units, y in axes fraction
-    for i, seg in enumerate(segments):
-        if i > 0:
+    for i in range(first, last + 1):
+        seg = segments[i]
+        if i > first:
             x = (segments[i - 1]["end"] + seg["start"]) / 2
-            ax.axvline(x, color="0.4", linestyle="--", linewidth=1)
+            ax.axvline(x, color="0.4", linestyle="--", linewidth=1, gid=STAGE_BOUNDARY)
         else:
             x = seg["start"]
         ax.text(x, 0.98, f" {seg['name']}", transform=transform, va="top", ha="left", fontsize=8,
                 color=f"C{i % 10}", fontweight="bold", clip_on=True)
 
 
-def _figure(segments: list[dict], group: str, keys: list[str], title: str):
-    """A matplotlib Figure (Agg canvas, no pyplot state) with one panel per key of the group."""
+def _figure(segments: list[dict], group: str, panels: list[dict], title: str):
+    """A matplotlib Figure (Agg canvas, no pyplot state) with the given panels of one group."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
-    cols = min(len(keys), 3)
-    rows = math.ceil(len(keys) / cols)
+    cols = min(len(panels), 3)
+    rows = math.ceil(len(panels) / cols)
     fig = Figure(figsize=(5.2 * cols if cols > 1 else 8, 3.6 * rows + 0.5), layout="constrained")
     FigureCanvasAgg(fig)
     axes = fig.subplots(rows, cols, squeeze=False)
-    for ax, key in zip(axes.flat, keys):
-        _draw_panel(ax, segments, key)
-    for ax in list(axes.flat)[len(keys):]:
+    for ax, panel in zip(axes.flat, panels):
+        _draw_panel(ax, segments, panel)
+    for ax in list(axes.flat)[len(panels):]:
         ax.set_visible(False)
     fig.suptitle(f"{title}: {group}", fontsize=12)
     return fig
@@ -229,23 +429,34 @@ def _file_name(group: str) -> str:
     return (re.sub(r"[^A-Za-z0-9_.-]+", "_", group).strip("._") or "metric") + ".png"
 
 
+def run_figures(run_dir):
+    """Yield (group, Figure) for every metric group of a run, one figure at a time: metrics.jsonl, plus
+    eval.jsonl and the stage kinds of recipe.resolved.yaml beside it when present. Raises
+    MetricsNotFoundError (on the first item) when metrics.jsonl is missing."""
+    path = metrics_path(run_dir)
+    records = load_metrics(path)
+    if not records:
+        return
+    add_elapsed(records)
+    segments = stage_segments(records)
+    merge_eval_rows(segments, load_eval_rows(path.parent / EVAL_FILE))
+    kinds = stage_kinds(path.parent / RESOLVED_FILE)
+    title = path.parent.name or str(path.parent)
+    for group, keys in group_keys(numeric_keys([r for seg in segments for r in seg["records"]])).items():
+        panels = [panel for key in keys for panel in metric_panels(segments, key, kinds)]
+        yield group, _figure(segments, group, panels, title)
+
+
 def plot_run(run_dir, out_dir=None) -> list[Path]:
     """Write one PNG per metric group of `run_dir/metrics.jsonl` to `out_dir` (default run_dir/plots).
 
     Returns the written paths (loss, lr, grad_norm first). Raises FileNotFoundError (a UserError too)
     when metrics.jsonl is missing; returns [] when it has no numeric metrics.
     """
-    path = metrics_path(run_dir)
-    records = load_metrics(path)
-    if not records:
-        return []
-    segments = stage_segments(records)
-    out = Path(out_dir) if out_dir is not None else path.parent / "plots"
-    out.mkdir(parents=True, exist_ok=True)
-    title = path.parent.name or str(path.parent)
+    out = Path(out_dir) if out_dir is not None else metrics_path(run_dir).parent / "plots"
     written = []
-    for group, keys in group_keys(numeric_keys(records)).items():
-        fig = _figure(segments, group, keys, title)
+    for group, fig in run_figures(run_dir):
+        out.mkdir(parents=True, exist_ok=True)
         target = out / _file_name(group)
         fig.savefig(target, dpi=110)
         written.append(target)

@@ -9,6 +9,8 @@ import math
 import time
 from pathlib import Path
 
+from posttrain.checkpoint import write_atomic
+
 METRICS_FILE = "metrics.jsonl"
 
 
@@ -37,7 +39,7 @@ class MetricsLog:
                 continue  # a line cut short by the crash
             if keep(record):
                 kept.append(line)
-        self.path.write_text("".join(line + "\n" for line in kept))
+        write_atomic(self.path, "".join(line + "\n" for line in kept))  # a kill now leaves old or new
 
     def log(self, stage: str, step: int, metrics: dict) -> None:
         self.global_step += 1

@@ -2,8 +2,10 @@
 
 import json
 import random
+import shutil
 from pathlib import Path
 
+import pytest
 import yaml
 
 
@@ -107,3 +109,19 @@ def run_two_steps(recipe: Path, overrides: list[str], run_dir: Path, stage: str)
     records = [json.loads(l) for l in (run_dir / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in records if r["stage"] == stage] == [1, 2]
     return run_dir
+
+
+def user_video_data(root: Path) -> Path:
+    """A working directory laid out as the TempSamp recipes tell users to (annotation files from ../shared/data
+    stand in for the train splits, which are not among them)."""
+    shared = Path(__file__).resolve().parents[2] / "shared" / "data"
+    if not shared.is_dir():
+        pytest.skip("needs ../shared/data")
+    layout = {"data/charades_sta/charades_sta_test.txt": "charades_sta/charades_sta_test.txt",
+              "data/charades_sta/charades_sta_train.txt": "charades_sta/charades_sta_test.txt",
+              "data/activitynet_captions/val_2.json": "activitynet_captions/val_2.json",
+              "data/activitynet_captions/train.json": "activitynet_captions/val_1.json"}
+    for target, source in layout.items():
+        (root / target).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy(shared / source, root / target)
+    return root

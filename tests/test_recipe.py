@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 
+from helpers import user_video_data
 from posttrain.errors import UserError
 from posttrain.recipe import check_batch_geometry, load_recipe
 from posttrain.recipe.load import parse_override
@@ -136,29 +137,11 @@ def test_every_shipped_recipe_validates(recipe, tmp_path):
         pytest.skip("accelerate launch config, not a recipe")
     cwd = REPO
     if recipe.parent.name == "tempsamp":  # video sets are not shipped: put annotations where the recipe expects them
-        cwd = _user_video_data(tmp_path)
+        cwd = user_video_data(tmp_path)
     proc = subprocess.run(
         [sys.executable, "-m", "posttrain", "validate", str(recipe)], capture_output=True, text=True, cwd=cwd
     )
     assert proc.returncode == 0, proc.stderr
-
-
-def _user_video_data(root):
-    """A working directory laid out as the TempSamp recipes tell users to (annotation files from ../shared/data
-    stand in for the train splits, which are not among them)."""
-    import shutil
-
-    shared = REPO.parent / "shared" / "data"
-    if not shared.is_dir():
-        pytest.skip("needs ../shared/data")
-    layout = {"data/charades_sta/charades_sta_test.txt": "charades_sta/charades_sta_test.txt",
-              "data/charades_sta/charades_sta_train.txt": "charades_sta/charades_sta_test.txt",
-              "data/activitynet_captions/val_2.json": "activitynet_captions/val_2.json",
-              "data/activitynet_captions/train.json": "activitynet_captions/val_1.json"}
-    for target, source in layout.items():
-        (root / target).parent.mkdir(parents=True, exist_ok=True)
-        shutil.copy(shared / source, root / target)
-    return root
 
 
 def test_missing_local_files_are_reported_at_validate(tmp_path):

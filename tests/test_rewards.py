@@ -264,7 +264,7 @@ def test_failures_timeouts_and_nan_get_the_fallback_in_isolated_workers():
     assert len(messages) == 4  # once per (reward, kind), though every kind happened twice
     assert any("ValueError: boom" in m for m in messages) and any("nan" in m for m in messages)
     metrics = result.metrics()
-    assert metrics["reward/sleepy/timeouts"] == 2.0 and metrics["reward/raising/failures"] == 2.0
+    assert metrics["verifier/sleepy/timeouts"] == 2.0 and metrics["verifier/raising/failures"] == 2.0
     assert metrics["reward/total/mean"] == pytest.approx(0.25)
 
 

@@ -7,11 +7,16 @@
 
 MODEL is a hub id, a local HF directory, a run directory's checkpoint (`runs/x/grpo/final`), or a run directory
 (its last finished stage's `final/`). Benchmarks are names of specs in `eval/` or paths of spec files.
+`--videos DIR` is the folder holding the video files or the folder above it (`runner.find_video_dir`). A
+predictions file is one JSON object per line (formats, errors and what is counted: `runner.score_predictions`); a
+grounding evaluation's samples.jsonl is one. What a result carries in `warnings` (e.g. a predictions file that
+covers only some queries) is printed after the table, on stderr.
 """
 
 from __future__ import annotations
 
 import re
+import sys
 import time
 from pathlib import Path
 
@@ -34,8 +39,10 @@ def add_eval_arguments(p) -> None:
                    help="data file of a benchmark (needed for sets posttrain does not ship); NAME= may be left "
                         "out with one benchmark")
     p.add_argument("--videos", default=None, metavar="DIR",
-                   help="video directory of the grounding benchmarks (files named by the annotations' video ids)")
-    p.add_argument("--predictions", default=None, metavar="FILE.jsonl", help="score this file instead of a model")
+                   help="video directory of the grounding benchmarks (files named by the annotations' video ids): "
+                        "the folder holding the files, or the folder above it")
+    p.add_argument("--predictions", default=None, metavar="FILE.jsonl",
+                   help="score this file instead of a model (a grounding eval's samples.jsonl works too)")
     p.add_argument("--out", default=None, help="output directory (default runs/eval/<model>-<time>)")
     p.add_argument("--batch-size", type=int, default=64, help="rows per generate call (hf engine)")
     p.add_argument("--dtype", choices=("auto", "fp32", "bf16", "fp16"), default="auto",
@@ -175,6 +182,9 @@ def run_eval(ns) -> int:
     seed = specs[0].sampling.seed
     write_report(results, out, label, engine_name, seed, time.perf_counter() - started)
     print(markdown(metric_table(results)))
+    for result in results.values():
+        for warning in result.warnings:
+            print(f"[posttrain] warning: {warning}", file=sys.stderr)
     print(f"\n[posttrain] wrote {out}/results.json, results.md, samples.jsonl, results.png "
           f"({time.perf_counter() - started:.1f} s)")
     return 0

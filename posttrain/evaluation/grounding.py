@@ -4,7 +4,7 @@ Charades-STA / ActivityNet Captions (one ground-truth span per query, one predic
     R1@θ  the share of queries whose predicted span has IoU ≥ θ with the ground truth (θ = 0.3, 0.5, 0.7).
           `≥` with a guard of 1e-9: [0.3, 0.6] vs [0.3, 0.9] has IoU 0.4999999999999999 in floating point and
           counts at θ = 0.5, as it does exactly.
-    mIoU  the mean IoU; an unparsable prediction has IoU 0.
+    mIoU  the mean IoU; an unparsable prediction (or a non-finite span, e.g. [NaN, 5]) has IoU 0.
 
 QVHighlights (Lei et al. 2021): the metrics of the official `standalone_eval/eval.py` (jayleicn/moment_detr),
 re-implemented here and checked against its published numbers on its own sample predictions
@@ -23,6 +23,8 @@ The official script also reports "Fair" (≥ 2) and "Good" (≥ 3) highlight lev
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 
 from posttrain.rewards.temporal import parse_span, temporal_iou
@@ -36,12 +38,20 @@ HL_LEVELS = {"Fair": 2, "Good": 3, "VeryGood": 4}
 # ------------------------------------------------------------------------------ Charades-STA, ActivityNet
 
 
+def finite_span(value) -> tuple[float, float] | None:
+    """`parse_span(value)` (model text or a [start, end] pair), or None when it names no span or a bound is not a
+    finite number (`[NaN, 5]`, a 400-digit time that overflows to infinity): such a span has no IoU to speak of."""
+    span = parse_span(value)
+    return span if span is not None and all(math.isfinite(v) for v in span) else None
+
+
 def span_ious(predictions: list, golds: list) -> list[float]:
-    """IoU of each prediction (model text or a [start, end] pair) with its ground-truth span; 0 if unparsable."""
+    """IoU of each prediction (model text or a [start, end] pair) with its ground-truth span; 0 if either is
+    unparsable or not finite (see `finite_span`)."""
     out = []
     for pred, gold in zip(predictions, golds):
-        span = parse_span(pred)
-        out.append(0.0 if span is None else temporal_iou(span, gold))
+        span, truth = finite_span(pred), finite_span(gold)
+        out.append(0.0 if span is None or truth is None else temporal_iou(span, truth))
     return out
 
 

@@ -6,16 +6,40 @@
     results.md      the same metrics as a markdown table, in percent (also printed)
     samples.jsonl   one line per problem / query: prompt, completions, extracted answers, scores
     results.png     pass@k / maj@k against k per math benchmark; R1@θ against θ per grounding benchmark
+
+The JSON files are strict JSON (RFC 8259, what `jq` and other languages read): a non-finite number (a NaN span
+in an annotation or a predictions file, a NaN metric) is written as `null`, never as a bare `NaN`/`Infinity`
+(`dumps`). A grounding `samples.jsonl` is itself a valid predictions file (`posttrain eval --predictions`).
 """
 
 from __future__ import annotations
 
 import datetime
 import json
+import math
 import re
 from pathlib import Path
 
 from posttrain.evaluation.metrics import macro_average
+
+
+def strict(value):
+    """`value` as plain JSON data: non-finite floats become None, tuples and numpy arrays lists, numpy scalars
+    numbers (so `json.dumps(..., allow_nan=False)` accepts it)."""
+    if isinstance(value, float):
+        return float(value) if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {k: strict(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [strict(v) for v in value]
+    if hasattr(value, "tolist") and not isinstance(value, (str, bytes)):  # numpy scalars and arrays
+        return strict(value.tolist())
+    return value
+
+
+def dumps(value, **kwargs) -> str:
+    """Strict JSON text of `value` (see `strict`); objects JSON has no type for are written as their str()."""
+    return json.dumps(strict(value), allow_nan=False, default=str, **kwargs)
 
 
 def _order(name: str) -> tuple:
@@ -54,12 +78,12 @@ def write_report(results: dict, out_dir: Path, model: str, engine: str, seed: in
            "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
            "config": config, "metrics": table, "info": {name: r.info for name, r in results.items()},
            "total_s": total_s}
-    (out_dir / "results.json").write_text(json.dumps(doc, indent=2) + "\n")
+    (out_dir / "results.json").write_text(dumps(doc, indent=2) + "\n")
     (out_dir / "results.md").write_text(f"# {model}\n\n{markdown(table)}\n\nValues in percent.\n")
     with open(out_dir / "samples.jsonl", "w") as f:
         for r in results.values():
             for sample in r.samples:
-                f.write(json.dumps(sample) + "\n")
+                f.write(dumps(sample) + "\n")
     plot_results(results, out_dir / "results.png", title=model)
     return doc
 

@@ -18,6 +18,7 @@ import json
 from pathlib import Path
 
 from posttrain.errors import UserError
+from posttrain.evaluation.report import dumps
 
 EVAL_FILE = "eval.jsonl"
 
@@ -46,7 +47,15 @@ class TrainingEval:
         path = self.run_dir / EVAL_FILE
         if not path.is_file():
             return {}
-        return {r["model"]: r for r in map(json.loads, path.read_text().splitlines()) if r}
+        rows = {}
+        for line in path.read_text().splitlines():
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError:
+                continue  # a line cut short by a crash: that model is evaluated again
+            if row:
+                rows[row["model"]] = row
+        return rows
 
     def checkpoint(self, model_dir, label: str, stage: str, step: int) -> dict | None:
         """Evaluate a saved checkpoint; append its row to eval.jsonl."""
@@ -58,7 +67,7 @@ class TrainingEval:
             results = self.evaluator.run(engine, tokenizer, desc=f"eval {label}")
             row = self._record(results, label, stage, step)
             with open(self.run_dir / EVAL_FILE, "a") as f:
-                f.write(json.dumps(row) + "\n")
+                f.write(dumps(row) + "\n")  # strict JSON: a NaN metric is null
             shown = ", ".join(f"{name} {_headline(r.metrics)}" for name, r in results.items())
             print(f"[posttrain] eval {label}: {shown}")
         self.acc.wait_for_everyone()
@@ -81,7 +90,7 @@ class TrainingEval:
         with open(self.run_dir / "eval" / f"{label}.jsonl", "w") as f:
             for r in results.values():
                 for sample in r.samples:
-                    f.write(json.dumps(sample) + "\n")
+                    f.write(dumps(sample) + "\n")
         flat = {f"eval/{name}/{metric}": value for name, r in results.items() for metric, value in r.metrics.items()}
         self.log.log_extra(stage, step, flat)
         first = results[self.first]

@@ -8,6 +8,7 @@ geometry check and finishes in seconds.
 from __future__ import annotations
 
 import dataclasses
+import re
 from pathlib import Path
 from typing import Any
 
@@ -169,6 +170,10 @@ def _validate_stage(name: str, spec, recipe_where: Where, source: str) -> tuple[
     return Stage(name=name, kind=kind, spec=spec, train=train, algo=algo, synthesizer=synthesizer), []
 
 
+_STAGE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,99}")
+_RESERVED_NAMES = {"eval", "init-model"}  # directories the run itself writes beside the stages'
+
+
 def load_recipe(path: str | Path, overrides: list[str] = ()) -> Resolved:
     """Read, merge, override and validate a recipe; raise one `UserError` listing every problem."""
     path = Path(path)
@@ -181,6 +186,11 @@ def load_recipe(path: str | Path, overrides: list[str] = ()) -> Resolved:
         raise UserError("\n".join(validation_errors(exc, Recipe, (), where, source))) from None
     stages, problems = [], []
     for name, spec in recipe.stages.items():
+        if not _STAGE_NAME.fullmatch(name) or name in _RESERVED_NAMES:
+            problems.append(f"{locate(where, ('stages', name), source)}: stages.{name}: a stage name becomes a "
+                            f"directory of the run: use letters, digits, `_`, `-` and `.` (no `/`, not `..`), "
+                            f"and none of {', '.join(sorted(_RESERVED_NAMES))}")
+            continue
         stage, errs = _validate_stage(name, spec, where, source)
         problems += errs
         if stage is not None:

@@ -111,6 +111,9 @@ class DataSpec(Strict):
     packing: bool = False
     limit: int | None = Field(None, gt=0)
     video: VideoSpec | None = None
+    # a row that cannot be used (a line that is not UTF-8 or not JSON, a null or missing prompt/completion):
+    # `error` stops with the file and row; `skip` leaves it out, counts it (warning, `data/skipped_rows`)
+    bad_rows: Literal["error", "skip"] = "error"
 
 
 class TrainArgs(Strict):
@@ -155,25 +158,58 @@ class RLArgs(TrainArgs):
 
 
 def geometry_problems(t: TrainArgs, processes: int) -> list[str]:
-    """Why a stage's batch sizes cannot be split over `processes` (empty when they can)."""
+    """Why a stage's batch sizes cannot be split over `processes` (empty when they can), each with the nearest
+    values that would work (a micro_batch_size that divides the batch first: it keeps the training the same)."""
     problems = []
-    batch = t.batch_size
+    batch, rows, micro = t.batch_size, None, t.micro_batch_size
+    per_step = micro * processes
+    named = f"batch_size {batch}"
     if isinstance(t, RLArgs):
         rows = t.prompts_per_step * t.group_size
         batch = t.batch_size or rows
+        named = f"batch_size {batch}" + ("" if t.batch_size else " (the default: all rows)")
         if t.prompts_per_step % processes:
-            problems.append(f"prompts_per_step {t.prompts_per_step} is not a multiple of {processes} processes")
-        if rows % batch:
-            problems.append(f"prompts_per_step {t.prompts_per_step} × group_size {t.group_size} = {rows} rows "
-                            f"is not a multiple of batch_size {batch}")
-    per_step = t.micro_batch_size * processes
+            fits = _nearest(t.prompts_per_step, lambda b: b % processes == 0, t.prompts_per_step + processes)
+            problems.append(f"prompts_per_step {t.prompts_per_step} is not a multiple of {processes} processes; "
+                            f"use prompts_per_step {_either(fits)}")
+    # a valid batch size: whole micro-batches on every process and (RL) a divisor of the step's rows
+    if rows is None:
+        batch_ok, batch_hi = (lambda b: b % per_step == 0), batch + per_step
+    else:
+        batch_ok, batch_hi = (lambda b: rows % b == 0 and b % per_step == 0), rows
+    batches = _nearest(batch, batch_ok, batch_hi)
+    if rows is not None and rows % batch:
+        if not batches:  # no micro-batch split works: at least name the divisors of the rows
+            batches = _nearest(batch, lambda b: rows % b == 0, rows)
+        problems.append(f"prompts_per_step {t.prompts_per_step} × group_size {t.group_size} = {rows} rows "
+                        f"is not a multiple of batch_size {batch}; use batch_size {_either(batches)}")
+        batches = []  # named once, above
     if batch % per_step:
+        hints = []
+        micros = _nearest(micro, lambda m: batch % (m * processes) == 0, batch // processes)
+        if micros:
+            hints.append(f"micro_batch_size {_either(micros)} (the same batch)")
+        if batches:
+            hints.append(f"batch_size {_either(batches)}")
+        if not hints and rows is not None:
+            hints.append("prompts_per_step × group_size rows that split over the processes")
         problems.append(
-            f"batch_size {batch} is not a multiple of micro_batch_size {t.micro_batch_size} × {processes} "
-            f"processes = {per_step}; use a batch_size of {max(per_step, batch // per_step * per_step)} "
-            f"or {(batch // per_step + 1) * per_step}, or change micro_batch_size"
+            f"{named} is not a multiple of micro_batch_size {micro} × {processes} processes = {per_step}"
+            + (f"; use {', or '.join(hints)}" if hints else "")
         )
     return problems
+
+
+def _nearest(value: int, ok, hi: int) -> list[int]:
+    """The largest positive integer below `value` and the smallest one above it (up to `hi`) for which `ok`
+    holds, whichever exist (never the same number twice)."""
+    below = next((v for v in range(min(value - 1, hi), 0, -1) if ok(v)), None)
+    above = next((v for v in range(value + 1, hi + 1) if ok(v)), None)
+    return [v for v in (below, above) if v is not None]
+
+
+def _either(values: list[int]) -> str:
+    return " or ".join(str(v) for v in values)
 
 
 class TrackingSpec(Strict):
@@ -257,6 +293,13 @@ class SynthesizerSpec(Strict):
         return self
 
 
+class ScorerSpec(Strict):
+    """How a stage runs its verifiers (`posttrain.reward.Scorer`)."""
+
+    workers: int = Field(2, ge=0)  # verifier worker processes (0: in-process, no timeouts: debugging only)
+    memory_mb: int | None = Field(None, gt=0)  # address-space cap per worker: a blow-up fails its row, not the box
+
+
 class StageSpec(Strict):
     kind: str | None = None  # the stage kind; default: the stage's name
     data: DataSpec
@@ -265,6 +308,7 @@ class StageSpec(Strict):
     judge: JudgeSpec | None = None  # spo stages: the pairwise judge whose win rates are the rewards (judges.py)
     privileged: PrivilegedSpec | None = None  # distill stages: the privileged column and the teacher's prompt
     synthesizer: SynthesizerSpec | None = None  # ttcs stages: the synthesizer's prompt and settings
+    scorer: ScorerSpec = ScorerSpec()  # RL stages: verifier worker processes and their memory cap
     engine: Literal["hf", "vllm"] = "hf"  # RL stages: the rollout engine
     vllm: VLLMSpec = VLLMSpec()  # settings of `engine: vllm`
 

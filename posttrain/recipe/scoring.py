@@ -24,6 +24,12 @@ class RewardSpec(BaseModel):
     kwargs: dict[str, Any] = Field(default_factory=dict, description="the verifier's settings (functools.partial)")
     label: str | None = Field(None, description="name in metrics and results; default: `name`, or the "
                                                 "function name of a `module:function` reference")
+    max_failure_share: float | None = Field(0.5, ge=0, le=1, description="stop with an error when more than this "
+                                            "share of the rows of `failure_patience` scoring batches in a row failed "
+                                            "or timed out (a broken verifier would otherwise train on fallbacks for "
+                                            "ever); None: never stop")
+    failure_patience: int = Field(3, gt=0, description="scoring batches in a row over `max_failure_share` before "
+                                                       "the stage stops")
 
     @field_validator("weight", "fallback")
     @classmethod

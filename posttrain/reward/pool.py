@@ -114,6 +114,8 @@ class Pool:
         self.die_with_parent = threading.current_thread() is threading.main_thread()
         self.workers: list[_Worker] = []
         self.failed_starts = 0
+        self.last_seconds: list[float] = []
+        self._started: dict[int, float] = {}
         _POOLS.add(self)
 
     def _start_worker(self) -> None:
@@ -125,6 +127,8 @@ class Pool:
 
     def run(self, jobs: list[tuple[int, dict, float]]) -> list[tuple[str, Any]]:
         out: list[tuple[str, Any] | None] = [None] * len(jobs)
+        self.last_seconds = [0.0] * len(jobs)  # per job: from handing it to a worker to its result (or timeout)
+        self._started: dict[int, float] = {}
         pending = deque(range(len(jobs)))
         while pending or any(w.job for w in self.workers):
             while len(self.workers) < self.size:
@@ -140,12 +144,14 @@ class Pool:
                         self._retire(w)
                         continue
                     w.job = (j, time.monotonic() + timeout)
+                    self._started[j] = time.monotonic()
             self._wait(out)
             now = time.monotonic()
             for w in list(self.workers):
                 if w.job is not None and now > w.job[1]:
                     j = w.job[0]
                     out[j] = ("timeout", f"no result after {jobs[j][2]:g} s; its worker was killed and replaced")
+                    self.last_seconds[j] = now - self._started[j]
                     self._retire(w)
                 elif not w.ready and now - w.born > STARTUP_TIMEOUT_S:
                     self.close()
@@ -191,6 +197,7 @@ class Pool:
             )
         elif w.job is not None and message[0] == w.job[0]:
             out[message[0]] = (message[1], message[2])
+            self.last_seconds[message[0]] = time.monotonic() - self._started.get(message[0], time.monotonic())
             w.job = None
 
     def _died(self, w: _Worker, out: list) -> None:

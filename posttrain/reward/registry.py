@@ -11,6 +11,8 @@ import importlib
 import importlib.util
 import inspect
 import os
+import sys
+import threading
 from pathlib import Path
 from typing import Any, Callable
 
@@ -98,15 +100,55 @@ def _load_reference(ref: str, name: str) -> Callable:
         if not path.is_file():
             raise UserError(f"reward `{name}`: no such file {target}")
         fn = FileFunction(str(path), attr)
-        fn.load()  # fail now, with a clear message, not in a worker
+        bounded_import(fn.load, f"reward `{name}`: `{target}`")  # fail now, with a clear message, not in a worker
         return fn
     try:
-        module = importlib.import_module(target)
+        module = bounded_import(lambda: _import_from_cwd_too(target), f"reward `{name}`: `{target}`")
     except ImportError as err:
-        raise UserError(f"reward `{name}`: cannot import `{target}`: {describe(err)}") from err
+        raise UserError(f"reward `{name}`: cannot import `{target}` (from the current directory {Path.cwd()} "
+                        f"or an installed package): {describe(err)}") from err
     except Exception as err:
         raise UserError(f"reward `{name}`: importing `{target}` failed: {describe(err)}") from err
     return _attribute(module, attr, name, target)
+
+
+IMPORT_TIMEOUT_S = 60.0  # a verifier module that has not finished importing by then is taken to hang
+
+
+def bounded_import(load: Callable, what: str):
+    """`load()` (an import) in a daemon thread, so that a module that hangs at import (a network call, a lock)
+    becomes a UserError after `IMPORT_TIMEOUT_S` instead of hanging `posttrain validate` and training."""
+    box: dict = {}
+
+    def target():
+        try:
+            box["value"] = load()
+        except BaseException as err:  # re-raised in the caller's thread
+            box["error"] = err
+
+    thread = threading.Thread(target=target, name="posttrain-import", daemon=True)
+    thread.start()
+    thread.join(IMPORT_TIMEOUT_S)
+    if thread.is_alive():
+        raise UserError(f"{what} did not finish importing within {IMPORT_TIMEOUT_S:g} s: does the module hang at "
+                        f"import (a network call, a lock, an input() prompt)?")
+    if "error" in box:
+        raise box["error"]
+    return box["value"]
+
+
+def _import_from_cwd_too(target: str):
+    """Import `target` as `python -m posttrain` would: a module or package in the current directory resolves too.
+    The `posttrain` console script's sys.path holds its own bin directory instead of the working directory, so the
+    working directory is put first on sys.path (as `python -m` does) when it holds the module's top-level name;
+    worker processes inherit sys.path, so they import it the same way."""
+    cwd = os.getcwd()
+    top = target.split(".")[0]
+    on_path = any(os.path.abspath(entry or os.curdir) == cwd for entry in sys.path)
+    if not on_path and (os.path.isdir(os.path.join(cwd, top)) or os.path.isfile(os.path.join(cwd, top + ".py"))):
+        sys.path.insert(0, cwd)
+        importlib.invalidate_caches()
+    return importlib.import_module(target)
 
 
 def _attribute(module, attr: str, name: str, where: str) -> Callable:

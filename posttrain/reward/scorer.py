@@ -50,16 +50,17 @@ class ScoreResult:
     seconds: float = 0.0
 
     def metrics(self) -> dict[str, float]:
-        """`reward/<key>/{mean,std,failures,timeouts,abstained}`, `reward/total/{mean,std}`, `reward/all_abstained`."""
+        """`reward/<key>/{mean,std}`, `verifier/<key>/{failures,timeouts,abstained}`, `reward/total/{mean,std}`,
+        `reward/all_abstained`."""
         out: dict[str, float] = {}
         for key, values in self.per_reward.items():
             scored = [v for v in values if v is not None]
             if scored:
                 out[f"reward/{key}/mean"] = statistics.fmean(scored)
                 out[f"reward/{key}/std"] = statistics.pstdev(scored)
-            out[f"reward/{key}/failures"] = float(self.failures[key])
-            out[f"reward/{key}/timeouts"] = float(self.timeouts[key])
-            out[f"reward/{key}/abstained"] = float(self.abstained[key])
+            out[f"verifier/{key}/failures"] = float(self.failures[key])
+            out[f"verifier/{key}/timeouts"] = float(self.timeouts[key])
+            out[f"verifier/{key}/abstained"] = float(self.abstained[key])
         if self.total:
             out["reward/total/mean"] = statistics.fmean(self.total)
             out["reward/total/std"] = statistics.pstdev(self.total)
@@ -101,6 +102,10 @@ class Scorer:
                 _check_sendable(spec, fn)
         self._pool: Pool | None = None
         self._warned: set[tuple[str, str]] = set()
+        self.totals = {s.key: {"calls": 0, "failures": 0, "timeouts": 0, "abstained": 0, "seconds": 0.0}
+                       for s in self.specs}
+        self._seconds: list[float] = []  # per job of the last in-process `_run` (workers=0)
+        self._bad_streak = {s.key: 0 for s in self.specs}
 
     def score(self, prompts, completions, completion_ids=None, columns: dict[str, list] | None = None) -> ScoreResult:
         """Scores of each completion under every reward, and their weighted total (see module doc)."""
@@ -149,7 +154,38 @@ class Scorer:
                 result.total[i] += spec.weight * value
                 result.all_abstained[i] = False
         result.seconds = time.perf_counter() - start
+        seconds = self._pool.last_seconds if self.workers and self._pool is not None else self._seconds
+        for j, spent in enumerate(seconds[: len(outcomes)]):
+            self.totals[self.specs[j % len(self.specs)].key]["seconds"] += spent
+        for key, total in self.totals.items():
+            total["calls"] += n
+            total["failures"] += result.failures[key]
+            total["timeouts"] += result.timeouts[key]
+            total["abstained"] += result.abstained[key]
+        self._check_failure_share(result, n)
         return result
+
+    def _check_failure_share(self, result: ScoreResult, n: int) -> None:
+        """Stop (UserError) once a reward failed or timed out on more than `max_failure_share` of the rows of
+        `failure_patience` batches in a row: a broken verifier must not train on its fallback score for ever."""
+        for spec in self.specs:
+            bad = result.failures[spec.key] + result.timeouts[spec.key]
+            over = spec.max_failure_share is not None and n > 0 and bad / n > spec.max_failure_share
+            self._bad_streak[spec.key] = self._bad_streak[spec.key] + 1 if over else 0
+            if self._bad_streak[spec.key] >= spec.failure_patience:
+                example = next((m for k, _, _, m in result.issues if k == spec.key), "")
+                raise UserError(f"reward `{spec.key}` failed or timed out on {bad} of {n} rows, more than "
+                                f"max_failure_share {spec.max_failure_share:g}, in {spec.failure_patience} scoring "
+                                f"batches in a row (last: {example}); fix the verifier, or raise the reward's "
+                                f"`max_failure_share` (None: never stop)")
+
+    def summary(self) -> str:
+        """One line per reward over every `score` call so far: calls, failures, timeouts, abstentions, seconds."""
+        lines = []
+        for key, t in self.totals.items():
+            lines.append(f"reward `{key}`: {t['calls']} calls, {t['failures']} failures, {t['timeouts']} timeouts, "
+                         f"{t['abstained']} abstained, {t['seconds']:.1f} s in the verifier")
+        return "\n".join(lines)
 
     def close(self) -> None:
         """Stop the worker processes (a later `score` starts new ones)."""
@@ -186,7 +222,12 @@ class Scorer:
         if not jobs:
             return []
         if self.workers == 0:
-            return [call(self._fns[k], kwargs) for k, kwargs, _ in jobs]
+            out, self._seconds = [], []
+            for k, kwargs, _ in jobs:
+                began = time.perf_counter()
+                out.append(call(self._fns[k], kwargs))
+                self._seconds.append(time.perf_counter() - began)
+            return out
         if self._pool is None:
             self._pool = Pool(self._fns, self.workers, self.memory_mb, self.start_method)
         try:
@@ -203,7 +244,7 @@ class Scorer:
         counter = "timeouts" if kind == "timeout" else "failures"
         warnings.warn(
             f"reward `{spec.key}` {kind} on row {row}: {message}. The row {score}; further {kind}s of this reward "
-            f"are only counted (reward/{spec.key}/{counter}).", RewardWarning, stacklevel=3,
+            f"are only counted (verifier/{spec.key}/{counter}).", RewardWarning, stacklevel=3,
         )
 
 

@@ -10,6 +10,7 @@ from pathlib import Path
 import torch
 
 from posttrain import checkpoint
+from posttrain.errors import UserError
 from posttrain.tracking import MetricsLog, progress_bar
 
 
@@ -82,7 +83,11 @@ def resume_step(ctx: StageContext, learner, updates_per_step: int = 1) -> int:
     if ckpt is None:
         return 0
     state = checkpoint.read_state(ckpt)
-    learner.load_state(ckpt / "learner", step=state["step"] * updates_per_step)
+    try:
+        learner.load_state(ckpt / "learner", step=state["step"] * updates_per_step)
+    except Exception as err:  # damaged in a way its file sizes do not show (checkpoint.problem checks those)
+        raise UserError(f"--resume: checkpoint {ckpt} cannot be loaded ({type(err).__name__}: {err}); delete it "
+                        f"to resume from the one before, or start a new run") from None
     if ctx.accelerator.is_main_process:
         print(f"[posttrain] resuming stage `{ctx.stage.name}` from {ckpt} (step {state['step']})")
     return state["step"]
@@ -92,13 +97,17 @@ def _state(ctx: StageContext, step: int, total: int, complete: bool) -> dict:
     return {"stage": ctx.stage.name, "stage_index": ctx.index, "step": step, "total_steps": total, "complete": complete}
 
 
-def run_loop(ctx: StageContext, learner, total_steps: int, step_fn, validate_fn=None, updates_per_step: int = 1) -> Path:
+def run_loop(ctx: StageContext, learner, total_steps: int, step_fn, validate_fn=None, updates_per_step: int = 1,
+             data_counts: dict | None = None) -> Path:
     """Drive `step_fn(step) -> metrics` for the stage's steps with logging, validation, checkpoints and a
     progress bar; write and return the final HF checkpoint. A step is one optimizer step (SFT) or one
-    rollout batch with `updates_per_step` optimizer steps (RL)."""
+    rollout batch with `updates_per_step` optimizer steps (RL). `data_counts` (rows of the stage's data left
+    out, by reason) go into metrics.jsonl once, at step 0 of a stage that starts fresh, when any is non-zero."""
     train = ctx.stage.train
     start = resume_step(ctx, learner, updates_per_step)
     ctx.log.global_step = _global_step_before(ctx) + start
+    if start == 0 and any((data_counts or {}).values()):
+        ctx.log.log_extra(ctx.stage.name, 0, data_counts)
     bar = progress_bar(total_steps, start, f"{ctx.stage.name}", ctx.recipe.tracking.progress and ctx.accelerator.is_main_process)
     for step in range(start, total_steps):
         began = time.perf_counter()

@@ -118,7 +118,6 @@ def _attach_role_logprobs(learner, rows: list[dict], pad_id: int, micro: int, te
 
 
 def run(ctx: StageContext) -> Path:
-    from posttrain.reward import Scorer
     from posttrain.rollout.base import make_engine
 
     t, args, acc = ctx.stage.train, ctx.stage.algo, ctx.accelerator
@@ -130,7 +129,7 @@ def run(ctx: StageContext) -> Path:
     learner = Learner(acc, ctx.recipe.model, t.model_copy(update={"batch_size": batch_size}),
                       t.steps * updates_per_step, ctx.init_path)
     engine = make_engine(ctx.stage.spec.engine, **rl.engine_options(ctx, learner))
-    scorer = Scorer(ctx.stage.spec.rewards)
+    scorer = rl.stage_scorer(ctx)
     sampler = rl.Sampler(ctx, engine, scorer, prompts[distill.sampler_role(args)])
     pad_id, temperature = ctx.tokenizer.pad_token_id, rl._temperature(t)
     loss_fn = partial(distill_loss, args=args, temperature=temperature)
@@ -167,5 +166,5 @@ def run(ctx: StageContext) -> Path:
     try:
         return run_loop(ctx, learner, t.steps, step_fn, updates_per_step=updates_per_step)
     finally:
-        scorer.close()
+        rl.finish_scorer(ctx, scorer)
         engine.close()

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import dataclasses
 import time
+import warnings
 from functools import partial
 from pathlib import Path
 
@@ -24,7 +25,7 @@ import torch
 from posttrain import judges
 from posttrain.algorithms import grpo
 from posttrain.algorithms.ops import token_logprobs
-from posttrain.data import collate, load_data, prompt_text, render_prompt, stack_padded
+from posttrain.data import collate, load_data, prompt_text, render_prompt, stack_padded, usable_rows
 from posttrain.errors import UserError
 from posttrain.learner import Learner
 from posttrain.stages.context import BatchOrder, StageContext, chunks, run_loop, shard
@@ -39,6 +40,7 @@ class PromptSet:
     texts: list[str]  # rendered prompts (what the model sees)
     columns: dict[str, list]  # every dataset column, for verifiers (e.g. `answer`)
     videos: object = None  # posttrain.video.VideoPrompts for a dataset with `video:`
+    counts: dict = dataclasses.field(default_factory=dict)  # rows left out, by reason (`data/...` metrics)
 
     def __len__(self) -> int:
         return len(self.videos) if self.videos is not None else len(self.ids)
@@ -69,13 +71,55 @@ def load_prompts(ctx: StageContext) -> PromptSet:
         return PromptSet([], [], columns, videos)
     if spec.prompt_column not in rows.column_names:
         raise UserError(f"dataset `{spec.path}` has no column `{spec.prompt_column}` (columns: {', '.join(rows.column_names)})")
-    texts = [render_prompt(ctx.tokenizer, p, spec.template, spec.system_prompt) for p in rows[spec.prompt_column]]
+    counts = {"data/skipped_rows": getattr(rows, "skipped_rows", 0)}
+    usable = usable_rows(rows, [spec.prompt_column], spec)
+    counts["data/skipped_rows"] += len(rows) - len(usable)
+    scorable = _scorable(ctx, rows, usable)
+    counts["data/unscorable_rows"] = len(usable) - len(scorable)
+    prompts = rows[spec.prompt_column]
+    texts = [render_prompt(ctx.tokenizer, prompts[i], spec.template, spec.system_prompt) for i in scorable]
     ids = [ctx.tokenizer(t, add_special_tokens=False)["input_ids"] for t in texts]
-    keep = [i for i, x in enumerate(ids) if len(x) <= spec.max_length]
-    if not keep:
+    fits = [k for k, x in enumerate(ids) if len(x) <= spec.max_length]
+    counts["data/prompts_too_long"] = len(ids) - len(fits)
+    if not fits:
         raise UserError(f"dataset `{spec.path}`: every prompt is longer than max_length {spec.max_length} tokens")
+    if counts["data/prompts_too_long"]:
+        warnings.warn(f"dataset `{spec.path}`: {counts['data/prompts_too_long']} of {len(ids)} prompts are longer than "
+                      f"max_length {spec.max_length} tokens and are left out (`data/prompts_too_long`)", stacklevel=2)
+    keep = [scorable[k] for k in fits]
     columns = {c: [rows[c][i] for i in keep] for c in rows.column_names}
-    return PromptSet([ids[i] for i in keep], [texts[i] for i in keep], columns)
+    return PromptSet([ids[k] for k in fits], [texts[k] for k in fits], columns, counts=counts)
+
+
+def _scorable(ctx: StageContext, rows, indices: list[int]) -> list[int]:
+    """The rows on which at least one reward can score: a reward abstains on a row that lacks a column it
+    reads (e.g. `math` without an `answer`), and a row on which every reward abstains gets reward 0 in every
+    sample, so it teaches nothing (GRPO) or the wrong thing (NFT). Those are left out, counted and warned
+    about; none left is an error. Judged stages (SPO) train on win rates, not rewards: all rows are kept."""
+    from posttrain.reward.registry import bind, columns_of
+
+    specs = ctx.stage.spec.rewards
+    if getattr(ctx.stage.spec, "judge", None) is not None or not specs:
+        return indices
+    needs = [(spec.key, [c for c in columns_of(bind(spec)) if c in rows.column_names]) for spec in specs]
+    read = {c for _, cols in needs for c in cols}
+
+    def given(value) -> bool:
+        return value is not None and not (isinstance(value, str) and not value.strip())
+
+    present = {c: [given(v) for v in rows[c]] for c in read}
+    keep = [i for i in indices if any(all(present[c][i] for c in cols) for _, cols in needs)]
+    path = ctx.stage.spec.data.path
+    if not keep:
+        detail = "; ".join(f"`{key}` reads {', '.join(f'`{c}`' for c in cols)}" for key, cols in needs if cols)
+        raise UserError(f"dataset `{path}`: no row can be scored: every reward abstains on every row ({detail}, "
+                        f"missing or empty in all {len(indices)} rows)")
+    if len(keep) < len(indices):
+        lacking = {c: sum(not present[c][i] for i in indices) for c in sorted(read)}
+        shown = ", ".join(f"{n} without `{c}`" for c, n in lacking.items() if n)
+        warnings.warn(f"dataset `{path}`: {len(indices) - len(keep)} of {len(indices)} rows are left out because no "
+                      f"reward can score them ({shown}; `data/unscorable_rows`)", stacklevel=3)
+    return keep
 
 
 # ----------------------------------------------------------------------------------------- sampling
@@ -396,9 +440,24 @@ def update_and_sync(learner, engine, minis, loss_fn, reduction) -> tuple[dict, f
     return learn, time_update, time.perf_counter() - start
 
 
+def stage_scorer(ctx: StageContext):
+    """The stage's Scorer with the recipe's `scorer:` settings (worker processes, their memory cap)."""
+    from posttrain.reward import Scorer
+
+    settings = ctx.stage.spec.scorer
+    return Scorer(ctx.stage.spec.rewards, workers=settings.workers, memory_mb=settings.memory_mb)
+
+
+def finish_scorer(ctx: StageContext, scorer) -> None:
+    """Stop the verifier workers; print each reward's calls, failures, timeouts and time (main process)."""
+    scorer.close()
+    summary = scorer.summary()
+    if summary and ctx.accelerator.is_main_process:
+        print(f"[posttrain] stage `{ctx.stage.name}` verifiers (this process):\n  " + summary.replace("\n", "\n  "))
+
+
 def run(ctx: StageContext) -> Path:
     from posttrain.models import load_causal_lm
-    from posttrain.reward import Scorer
     from posttrain.rollout.base import make_engine
 
     t, args, acc = ctx.stage.train, ctx.stage.algo, ctx.accelerator
@@ -419,7 +478,7 @@ def run(ctx: StageContext) -> Path:
     if algo.needs_reference(args):
         ref_model = load_causal_lm(ctx.init_path, ctx.recipe.model).to(learner.device).eval().requires_grad_(False)
     engine = make_engine(ctx.stage.spec.engine, **engine_options(ctx, learner))
-    scorer = Scorer(ctx.stage.spec.rewards)
+    scorer = stage_scorer(ctx)
     sampler = Sampler(ctx, engine, scorer, prompts)
     pad_id, temperature = ctx.tokenizer.pad_token_id, _temperature(t)
     reduction = algo.reduction(args, t.max_tokens)
@@ -459,9 +518,9 @@ def run(ctx: StageContext) -> Path:
         return metrics
 
     try:
-        return run_loop(ctx, learner, t.steps, step_fn, updates_per_step=updates_per_step)
+        return run_loop(ctx, learner, t.steps, step_fn, updates_per_step=updates_per_step, data_counts=prompts.counts)
     finally:
-        scorer.close()
+        finish_scorer(ctx, scorer)
         if sampler.judge is not None:
             sampler.judge.close()
         engine.close()

@@ -30,16 +30,27 @@ def _splits(ctx: StageContext):
         val = load_rows(spec.validation if is_file else spec.path, "train" if is_file else spec.validation, spec.name)
         return rows, val
     if spec.validation_size:
-        parts = rows.train_test_split(test_size=spec.validation_size, seed=ctx.recipe.seed)
+        size, n = spec.validation_size, len(rows)
+        if isinstance(size, float) and size >= 1:
+            raise UserError(f"stages.{ctx.stage.name}.data.validation_size: {size} is a fraction of the rows and must "
+                            f"be below 1 (or give a number of rows, below {n})")
+        if isinstance(size, int) and size >= n:
+            raise UserError(f"stages.{ctx.stage.name}.data.validation_size: {size} rows held out of the {n} rows of "
+                            f"`{spec.path}` would leave none to train on; give fewer, or a fraction such as 0.05")
+        parts = rows.train_test_split(test_size=size, seed=ctx.recipe.seed)
         return parts["train"], parts["test"]
     return rows, None
 
 
-def _examples(ctx: StageContext, rows) -> list[dict]:
+def _examples(ctx: StageContext, rows, counts: dict | None = None) -> list[dict]:
+    """The stage's examples; `counts` (if given) gets how many rows were skipped as bad or dropped as too long."""
     spec = ctx.stage.spec.data
     if spec.video is not None:
         return VideoExamples(ctx, rows)
-    examples = tokenize_dataset(ctx.tokenizer, rows, spec).examples
+    tokenized = tokenize_dataset(ctx.tokenizer, rows, spec)
+    if counts is not None:
+        counts.update({"data/skipped_rows": tokenized.skipped, "data/dropped_too_long": tokenized.dropped})
+    examples = tokenized.examples
     return pack(examples, spec.max_length) if spec.packing else examples
 
 
@@ -97,7 +108,8 @@ def _padded_shard(examples: list[dict], rank: int, world: int) -> list[dict]:
 def run(ctx: StageContext) -> Path:
     train, args, acc = ctx.stage.train, ctx.stage.algo, ctx.accelerator
     train_rows, val_rows = _splits(ctx)
-    examples = _examples(ctx, train_rows)
+    counts: dict = {}
+    examples = _examples(ctx, train_rows, counts)
     val_examples = _examples(ctx, val_rows) if val_rows is not None and len(val_rows) else None
     total_steps = train.steps or max(1, math.ceil(train.epochs * len(examples) / train.batch_size))
     learner = Learner(acc, ctx.recipe.model, train, total_steps, ctx.init_path)
@@ -118,4 +130,4 @@ def run(ctx: StageContext) -> Path:
         micro = [collate_examples(c, pad_id) for c in chunks(mine, train.micro_batch_size)]
         return learner.eval_loss(micro, loss_fn, reduction)
 
-    return run_loop(ctx, learner, total_steps, step_fn, validate_fn if val_examples else None)
+    return run_loop(ctx, learner, total_steps, step_fn, validate_fn if val_examples else None, data_counts=counts)
