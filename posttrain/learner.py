@@ -16,10 +16,11 @@ from pathlib import Path
 
 import torch
 
-from posttrain.algorithms.ops import aggregate, batch_totals
+from posttrain.algorithms.ops import aggregate, batch_totals, chunked_token_logprobs, token_logprobs
 from posttrain.datatypes import BatchTotals, Reduction
-from posttrain.models import add_lora, load_causal_lm
+from posttrain.models import add_lora, hidden_states_as_logits, load_causal_lm, separable_head
 from posttrain.recipe.schema import ModelSpec, TrainArgs
+from posttrain.video import forward_inputs
 
 
 def new_accelerator(precision: str = "fp32", trackers: list[str] | None = None, project_dir=None):
@@ -55,6 +56,16 @@ def lr_at(step: int, train: TrainArgs, total_steps: int) -> float:
     return train.lr * (train.min_lr_ratio + (1.0 - train.min_lr_ratio) * shape)
 
 
+def adamw(groups, **settings) -> torch.optim.AdamW:
+    """AdamW with torch's fused kernel where it runs (CPU and CUDA, floating-point parameters): one kernel per
+    step instead of a loop over tensors, 5x faster on a 25M-parameter model on our 2-core CPU. Falls back to the
+    default implementation where torch refuses fused (e.g. a device without the kernel)."""
+    try:
+        return torch.optim.AdamW(groups, fused=True, **settings)
+    except (RuntimeError, ValueError, TypeError):
+        return torch.optim.AdamW(groups, **settings)
+
+
 def _param_groups(model, weight_decay: float) -> list[dict]:
     """Weight decay on matrices only (not on norms and biases), the usual AdamW practice."""
     decay, no_decay = [], []
@@ -82,9 +93,8 @@ class Learner:
         model = load_causal_lm(init_path, model_spec)
         if model_spec.lora is not None:
             model = add_lora(model, model_spec.lora)
-        optimizer = torch.optim.AdamW(
-            _param_groups(model, train.weight_decay), lr=train.lr, betas=tuple(train.adam_betas), eps=train.adam_eps
-        )
+        optimizer = adamw(_param_groups(model, train.weight_decay), lr=train.lr, betas=tuple(train.adam_betas),
+                          eps=train.adam_eps)
         # One Accelerator serves the whole recipe: forget the previous stage's model and optimizer, or
         # save_state/load_state would number this stage's objects after them (model_1, optimizer_1).
         if not alongside:
@@ -238,3 +248,28 @@ def _merged_copy(peft_model):
     import copy
 
     return copy.deepcopy(peft_model).merge_and_unload()
+
+
+FULL_LOGITS_BUDGET = 2**26  # fp32 numbers of full logits above which log-probs are computed in chunks
+
+
+def policy_logprobs(model, mb: dict, temperature: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Learner log-probs of the target tokens and the policy's entropy, both `[n, L−1]`, logits divided by the
+    sampling temperature, at the loss positions (`mb["mask"]`; 0 elsewhere). When the full `[n, L−1, V]` fp32
+    logits would exceed `FULL_LOGITS_BUDGET` numbers (256 MiB) and the LM head is separable
+    (`models.separable_head`), they never exist: the final hidden states of the loss positions go through the
+    head in checkpointed chunks (`ops.chunked_token_logprobs`), which is what lets a 152k vocabulary fit.
+    Below the budget (small vocabularies: chunking buys nothing there) and for soft-capped logits, the full
+    forward's logits are used; both give the same values to fp32 rounding (tests/test_logprobs.py)."""
+    targets, mask = mb["input_ids"][:, 1:], mb["mask"]
+    head = separable_head(model)
+    if head is not None and targets.numel() * head.out_features > FULL_LOGITS_BUDGET:
+        with hidden_states_as_logits(model) as head:
+            hidden = model(**forward_inputs(model, mb)).logits[:, :-1]
+        return chunked_token_logprobs(hidden, head, targets, mask, temperature)
+    logits = model(**forward_inputs(model, mb)).logits[:, :-1]
+    logp = token_logprobs(logits, targets, temperature) * mask
+    with torch.no_grad():
+        z = logits.float() / temperature
+        entropy = (torch.logsumexp(z, -1) - (torch.softmax(z, -1) * z).sum(-1)) * mask
+    return logp, entropy

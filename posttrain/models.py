@@ -5,6 +5,7 @@ One function per question, so the learner, the evaluator and later the rollout e
 
 from __future__ import annotations
 
+import contextlib
 from pathlib import Path
 
 from posttrain.errors import UserError
@@ -133,3 +134,43 @@ def build_new_model(out_dir: Path, new) -> Path:
     )
     tmp.rename(out_dir)
     return out_dir
+
+
+def _inner_lm(model):
+    """The transformers model inside DDP / DeepSpeed (`.module`) and peft (`get_base_model`) wrappers."""
+    while hasattr(model, "module"):
+        model = model.module
+    return model.get_base_model() if hasattr(model, "get_base_model") else model
+
+
+def separable_head(model):
+    """The LM head of `model` when its logits are just `head(final hidden state)` (a Linear, no logit soft-capping
+    or scaling after it), else None: then only the full forward gives the right logits."""
+    inner = _inner_lm(model)
+    config = getattr(inner, "config", None)
+    text = getattr(config, "text_config", None) or config
+    if any(getattr(text, k, None) for k in ("final_logit_softcapping", "logit_scale", "logits_scaling")):
+        return None
+    head = inner.get_output_embeddings() if hasattr(inner, "get_output_embeddings") else None
+    import torch
+
+    return head if isinstance(head, torch.nn.Linear) else None
+
+
+@contextlib.contextmanager
+def hidden_states_as_logits(model):
+    """Inside this block `model(...)` returns the final (normed) hidden states `[N, T, H]` in `.logits`: its
+    output embedding is swapped for an identity, so the caller applies the head itself, in chunks
+    (`ops.chunked_token_logprobs`). The forward still goes through every wrapper (DDP, DeepSpeed, peft), so
+    their hooks run as usual. Yields the head (see `separable_head`)."""
+    import torch
+
+    inner = _inner_lm(model)
+    head = separable_head(model)
+    if head is None:
+        raise ValueError("the model's logits are not a Linear head of its hidden states")
+    inner.set_output_embeddings(torch.nn.Identity())
+    try:
+        yield head
+    finally:
+        inner.set_output_embeddings(head)

@@ -311,7 +311,7 @@ def test_samples_of_several_benchmarks_keep_only_this_ones_rows(grounding_data, 
 
 
 def test_qvhighlights_samples_rows_score_as_one_window(tmp_path):
-    from posttrain.evaluation.runner import score_predictions
+    from posttrain.evaluation.predictions import score_predictions
     from posttrain.recipe.benchmark import load_spec
 
     data = _qvh_data(tmp_path)

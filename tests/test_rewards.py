@@ -362,3 +362,19 @@ def test_score_cli_bad_options(tmp_path):
     data.write_text('{"completion": "a"}\n')
     with pytest.raises(UserError, match="did you mean `exact`"):
         _score_cli("exakt", data)
+
+
+def test_pure_built_ins_run_in_process_and_the_rest_in_workers():
+    """`exact`, `length`, `temporal_iou` and `format` with its own tags are pure and bounded: no worker round
+    trip (no pool is even started for them); `math`, a user regex and user functions keep the workers."""
+    from posttrain.reward.registry import in_process
+
+    with Scorer([RewardSpec(name="exact"), RewardSpec(name="format")], workers=2) as scorer:
+        result = scorer.score(None, ["<think>a</think><answer>4</answer>"], None, {"answer": ["4"]})
+        assert result.per_reward == {"exact": [1.0], "format": [1.0]} and scorer._pool is None
+        assert scorer.totals["exact"]["calls"] == 1
+    assert not in_process(RewardSpec(name="format", kwargs={"pattern": "(a+)+$"}))
+    assert not in_process(RewardSpec(name="math")) and in_process(RewardSpec(name="temporal_iou"))
+    with Scorer([RewardSpec(name="exact"), RewardSpec(name="math")], workers=1) as scorer:
+        result = scorer.score(None, ["\\boxed{4}"], None, {"answer": ["4"]})
+        assert result.per_reward == {"exact": [1.0], "math": [1.0]} and scorer._pool is not None

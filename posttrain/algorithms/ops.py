@@ -64,3 +64,58 @@ def _norm(reduction: Reduction) -> float:
     if not reduction.norm:
         raise ValueError(f"reduction {reduction.mode!r} needs a positive `norm`")
     return float(reduction.norm)
+
+
+# -------------------------------------------------------------------------- log-probs without full logits
+
+
+def logit_chunk(vocab_size: int, budget: int = 2**26) -> int:
+    """Tokens per chunk so that one chunk's fp32 logits hold at most `budget` numbers (256 MiB): 441 tokens
+    at a 151,936-token vocabulary, 65,536 at 1,024."""
+    return max(1, budget // max(vocab_size, 1))
+
+
+def _chunk_logprobs(head, hidden: torch.Tensor, targets: torch.Tensor, temperature: float):
+    """log softmax(head(hidden) / T)[target] `[m]` and the entropy `[m]` (no gradient) of one chunk."""
+    z = head(hidden).float()
+    if temperature != 1.0:
+        z = z / temperature
+    lse = torch.logsumexp(z, dim=-1)
+    logp = z.gather(-1, targets.unsqueeze(-1)).squeeze(-1) - lse
+    with torch.no_grad():
+        entropy = lse - (torch.softmax(z, dim=-1) * z).sum(-1)
+    return logp, entropy
+
+
+def chunked_token_logprobs(hidden: torch.Tensor, head, targets: torch.Tensor, mask: torch.Tensor,
+                           temperature: float = 1.0, chunk: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """`token_logprobs` (and the entropy, as a metric) at the `mask` positions only, without the `[N, T, V]`
+    logits: the final hidden states `[N, T, H]` of those positions go through the LM head `head` (an
+    `nn.Module`: under ZeRO-3 it gathers its own weight) in chunks of `chunk` tokens, each chunk under
+    activation checkpointing, so backward recomputes its logits instead of keeping them. Peak extra memory is
+    one chunk's fp32 logits (`logit_chunk`), whatever the batch and the vocabulary. Positions outside `mask`
+    get 0 in both outputs. Equal to `token_logprobs(head(hidden), targets)` at the mask positions (fp32: to
+    float rounding, the same matmul in smaller pieces)."""
+    from torch.utils.checkpoint import checkpoint
+
+    where = mask.bool()
+    h, t = hidden[where], targets[where]  # [M, H], [M]
+    chunk = chunk or logit_chunk(getattr(head, "out_features", None) or head.weight.shape[0])
+    logps, entropies = [], []
+    for s in range(0, h.shape[0], chunk):
+        part = (head, h[s : s + chunk], t[s : s + chunk], temperature)
+        if torch.is_grad_enabled() and h.requires_grad:
+            logp, entropy = checkpoint(_chunk_logprobs, *part, use_reentrant=False)
+        else:
+            logp, entropy = _chunk_logprobs(*part)
+        logps.append(logp)
+        entropies.append(entropy)
+    logp = hidden.new_zeros(where.shape, dtype=torch.float32)
+    entropy = torch.zeros_like(logp)
+    if logps:
+        logp = logp.masked_scatter(where, torch.cat(logps))
+        entropy = entropy.masked_scatter(where, torch.cat(entropies).detach())
+    else:  # no loss position in this micro-batch: keep the head and the body in the graph with zero
+        # gradients, so backward runs and every parameter gets a gradient (DDP waits for all of them)
+        logp = logp + 0.0 * (hidden.float().sum() + head(hidden.reshape(-1, hidden.shape[-1])[:1]).float().sum())
+    return logp, entropy

@@ -8,7 +8,7 @@
 MODEL is a hub id, a local HF directory, a run directory's checkpoint (`runs/x/grpo/final`), or a run directory
 (its last finished stage's `final/`). Benchmarks are names of specs in `eval/` or paths of spec files.
 `--videos DIR` is the folder holding the video files or the folder above it (`runner.find_video_dir`). A
-predictions file is one JSON object per line (formats, errors and what is counted: `runner.score_predictions`); a
+predictions file is one JSON object per line (formats, errors and what is counted: `predictions.score_predictions`); a
 grounding evaluation's samples.jsonl is one. What a result carries in `warnings` (e.g. a predictions file that
 covers only some queries) is printed after the table, on stderr.
 """
@@ -158,7 +158,8 @@ def run_eval(ns) -> int:
     from posttrain.evaluation.report import markdown, metric_table, write_report
 
     hf_logging.disable_progress_bar()  # per-file "Loading weights" bars
-    from posttrain.evaluation.runner import Evaluator, score_predictions
+    from posttrain.evaluation.predictions import score_predictions
+    from posttrain.evaluation.runner import Evaluator
 
     benches = [b.strip() for b in ns.bench.split(",") if b.strip()]
     if not benches:

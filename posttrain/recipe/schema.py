@@ -155,6 +155,9 @@ class RLArgs(TrainArgs):
     dynamic_sampling: bool = False  # DAPO: drop zero-variance groups and sample more prompts to refill
     max_sampling_rounds: int = Field(4, gt=0)  # cap on sampling rounds per step with dynamic sampling
     batch_size: int | None = Field(None, gt=0)  # sequences per optimizer step; default: all N rows
+    # rows (prompt × sample) per `generate` call of the hf engine; default: all of the step's rows on this
+    # process in one call (fewer: less memory for the KV cache). The vllm engine takes a step in one call.
+    generation_batch_size: int | None = Field(None, gt=0)
 
 
 def geometry_problems(t: TrainArgs, processes: int) -> list[str]:

@@ -27,6 +27,17 @@ BUILTIN: dict[str, str] = {
     "length": "posttrain.rewards.length:length_reward",  # DAPO overlong shaping from len(completion_ids)
     "temporal_iou": "posttrain.rewards.temporal:temporal_iou_reward",  # IoU of the named span with `span`
 }
+# Built-ins that are pure and bounded (linear-time string work, no sympy, no I/O) run in the trainer's process:
+# a worker round trip costs more than they do. `format` only with its own tag pattern (a user's regex can
+# backtrack for ever). `math` and every user verifier keep the worker pool's isolation and timeout.
+IN_PROCESS = {"exact", "length", "temporal_iou", "format"}
+
+
+def in_process(spec: RewardSpec) -> bool:
+    """Whether the Scorer may call this reward in its own process (see `IN_PROCESS`)."""
+    return spec.name in IN_PROCESS and not (spec.name == "format" and "pattern" in spec.kwargs)
+
+
 ENTRY_POINT_GROUP = "posttrain.rewards"
 _REGISTERED: dict[str, Callable] = {}
 _CONTRACT = ("prompts", "completions", "completion_ids")  # passed by the Scorer, never columns or settings

@@ -25,7 +25,7 @@ from typing import Any, Callable
 from posttrain.errors import UserError, describe
 from posttrain.recipe.scoring import RewardSpec
 from posttrain.reward.pool import Pool, call
-from posttrain.reward.registry import _qualname, accepted_names, bind, columns_of
+from posttrain.reward.registry import _qualname, accepted_names, bind, columns_of, in_process
 
 _RESERVED_COLUMNS = {"prompt", "prompts", "completion", "completions", "completion_ids"}
 
@@ -104,7 +104,8 @@ class Scorer:
         self._warned: set[tuple[str, str]] = set()
         self.totals = {s.key: {"calls": 0, "failures": 0, "timeouts": 0, "abstained": 0, "seconds": 0.0}
                        for s in self.specs}
-        self._seconds: list[float] = []  # per job of the last in-process `_run` (workers=0)
+        self._seconds: list[float] = []  # per job of the last `_run`
+        self._local = [in_process(spec) for spec in self.specs]  # run here, not in a worker (pure and bounded)
         self._bad_streak = {s.key: 0 for s in self.specs}
 
     def score(self, prompts, completions, completion_ids=None, columns: dict[str, list] | None = None) -> ScoreResult:
@@ -154,8 +155,7 @@ class Scorer:
                 result.total[i] += spec.weight * value
                 result.all_abstained[i] = False
         result.seconds = time.perf_counter() - start
-        seconds = self._pool.last_seconds if self.workers and self._pool is not None else self._seconds
-        for j, spent in enumerate(seconds[: len(outcomes)]):
+        for j, spent in enumerate(self._seconds):
             self.totals[self.specs[j % len(self.specs)].key]["seconds"] += spent
         for key, total in self.totals.items():
             total["calls"] += n
@@ -219,22 +219,29 @@ class Scorer:
                                     f"rename the column or use another setting")
 
     def _run(self, jobs: list) -> list[tuple[str, Any]]:
-        if not jobs:
-            return []
-        if self.workers == 0:
-            out, self._seconds = [], []
-            for k, kwargs, _ in jobs:
-                began = time.perf_counter()
-                out.append(call(self._fns[k], kwargs))
-                self._seconds.append(time.perf_counter() - began)
-            return out
-        if self._pool is None:
-            self._pool = Pool(self._fns, self.workers, self.memory_mb, self.start_method)
-        try:
-            return self._pool.run(jobs)
-        except BaseException:
-            self.close()  # interrupted or broken: never leave a half-used pool behind
-            raise
+        """Every job's (status, payload); `self._seconds[j]`: the time job j took. Built-ins that are pure and
+        bounded (`in_process`) run here, the others in the worker pool (started only when one needs it)."""
+        out: list = [None] * len(jobs)
+        self._seconds = [0.0] * len(jobs)
+        pooled = []
+        for j, (k, kwargs, _) in enumerate(jobs):
+            if self.workers and not self._local[k]:
+                pooled.append(j)
+                continue
+            began = time.perf_counter()
+            out[j] = call(self._fns[k], kwargs)
+            self._seconds[j] = time.perf_counter() - began
+        if pooled:
+            if self._pool is None:
+                self._pool = Pool(self._fns, self.workers, self.memory_mb, self.start_method)
+            try:
+                results = self._pool.run([jobs[j] for j in pooled])
+            except BaseException:
+                self.close()  # interrupted or broken: never leave a half-used pool behind
+                raise
+            for j, result, spent in zip(pooled, results, self._pool.last_seconds):
+                out[j], self._seconds[j] = result, spent
+        return out
 
     def _warn(self, spec: RewardSpec, row: int, kind: str, message: str) -> None:
         if (spec.key, kind) in self._warned:

