@@ -59,13 +59,16 @@ def test_a_larger_text_model_on_the_hf_engine_gets_the_vllm_hint_once(grpo_stage
     assert capsys.readouterr().out.count("generates faster with `engine: vllm`") == 1
 
 
-def test_the_learner_uses_fused_adamw_where_torch_has_it():
+def test_optimizer_adamw_fused_takes_torchs_fused_kernel_and_updates_like_the_default():
     from posttrain.learner import adamw
+    from posttrain.recipe.schema import TrainArgs
 
+    assert TrainArgs().optimizer == "adamw" and TrainArgs(optimizer="adamw_fused").optimizer == "adamw_fused"
     params = [torch.nn.Parameter(torch.randn(4, 4))]
-    assert adamw([{"params": params}], lr=1e-3).defaults["fused"] is True
+    assert adamw([{"params": params}], fused=True, lr=1e-3).defaults["fused"] is True
+    assert not adamw([{"params": params}], lr=1e-3).defaults["fused"]
     reference = [torch.nn.Parameter(params[0].detach().clone())]
-    fused, plain = adamw([{"params": params}], lr=1e-2), torch.optim.AdamW([{"params": reference}], lr=1e-2)
+    fused, plain = adamw([{"params": params}], fused=True, lr=1e-2), torch.optim.AdamW([{"params": reference}], lr=1e-2)
     for _ in range(3):  # the same update as the default implementation, to float rounding
         for p in (params[0], reference[0]):
             p.grad = torch.ones_like(p) * 0.5

@@ -40,7 +40,7 @@ def test_grpo_raises_accuracy_above_its_sft_start(tmp_path):
     assert [e["model"] for e in evals] == ["initial", "sft", "grpo"]
     _, sft, grpo = (e["accuracy"] for e in evals)
     assert sft >= 0.3
-    assert grpo >= sft + 0.05  # measured 0.552 → 0.658
+    assert grpo >= sft + 0.05  # measured 0.552 → 0.626 (0.658 when rollouts were two generate calls of 64)
 
     # in-training eval (every 250 steps + stage ends) landed in metrics.jsonl for `posttrain plot`
     records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
