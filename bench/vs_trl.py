@@ -2,7 +2,8 @@
 
 Two random-init Qwen3-style models, both about 25M parameters, fp32, built here (no hub access):
 
-* `quickstart-25M`: hidden 512, 8 layers, the quickstart's digit-level tokenizer and vocabulary (300 tokens);
+* `quickstart-25M`: hidden 512, 8 layers, the quickstart's digit-level tokenizer and its vocabulary
+  (260 tokens: the quickstart recipes' BPE cap of 300 is not reached on its corpus);
 * `vocab-152k`: hidden 128, 8 layers, vocab_size 151,936 (Qwen's): three quarters of the parameters are the
   tied embedding, and every forward computes all 151,936 logits per token (the tokenizer is the small one: ids
   stay below the vocabulary; sampled ids above it decode to nothing). This row shows the memory and time the
