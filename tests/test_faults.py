@@ -324,3 +324,28 @@ def test_the_scorer_settings_come_from_the_recipe(tiny_recipe, tmp_path):
     ctx.stage = stage
     scorer = rl.stage_scorer(ctx)
     assert scorer.workers == 0 and scorer.memory_mb == 512
+
+
+def test_a_distill_stage_counts_bad_and_too_long_rows_and_stops_on_a_null_privileged_column(tmp_path, capsys):
+    data = write_addition_data(tmp_path / "d", n_train=40, n_test=5)
+    rows = [json.loads(l) for l in (data / "train.jsonl").read_text().splitlines()][:12]
+    hinted = [{**row, "hint": row["answer"]} for row in rows]
+    hinted[0]["hint"] = None
+    hinted[1]["prompt"] = "1+" * 30 + "1="
+    (data / "hinted.jsonl").write_text("".join(json.dumps(h) + "\n" for h in hinted))
+    r = recipe_dict(data, steps=1)
+    r["stages"]["distill"] = {
+        "data": {"path": f"{data}/hinted.jsonl", "template": "plain", "max_length": 16},
+        "privileged": {"column": "hint", "template": "{privileged}|{prompt}"},
+        "rewards": [{"name": "exact"}],
+        "args": {"steps": 1, "prompts_per_step": 4, "group_size": 2, "batch_size": 8, "micro_batch_size": 8,
+                 "max_tokens": 3, "lr": 1e-3},
+    }
+    assert _run(write_recipe(tmp_path, r), "--run-dir", str(tmp_path / "a")) == 2
+    assert "row 1: `hint` is missing or null" in capsys.readouterr().err
+    r["stages"]["distill"]["data"]["bad_rows"] = "skip"
+    with pytest.warns(UserWarning, match="1 of 11 rows have a teacher or student prompt longer than max_length 16"):
+        assert _run(write_recipe(tmp_path, r), "--run-dir", str(tmp_path / "b")) == 0
+    counts = next(json.loads(l) for l in (tmp_path / "b" / "metrics.jsonl").read_text().splitlines()
+                  if '"distill"' in l)
+    assert counts["step"] == 0 and counts["data/skipped_rows"] == 1 and counts["data/prompts_too_long"] == 1

@@ -10,13 +10,14 @@ The math is `posttrain.algorithms.distill`; sampling, scoring, sharding and logg
 from __future__ import annotations
 
 import time
+import warnings
 from functools import partial
 from pathlib import Path
 
 import torch
 
 from posttrain.algorithms import distill
-from posttrain.data import collate, load_rows, render_prompt, stack_padded
+from posttrain.data import collate, load_rows, render_prompt, stack_padded, usable_rows
 from posttrain.errors import UserError
 from posttrain.learner import Learner
 from posttrain.stages import rl
@@ -34,20 +35,30 @@ def load_prompt_pair(ctx: StageContext) -> dict[str, rl.PromptSet]:
     """The same rows as a student PromptSet (plain prompt) and a teacher PromptSet (prompt + privileged info).
     Rows where either prompt is longer than `data.max_length` tokens are dropped from both."""
     spec, priv = ctx.stage.spec.data, ctx.stage.spec.privileged
-    rows = load_rows(spec.path, spec.split, spec.name, spec.limit, spec.rename)
+    rows = load_rows(spec.path, spec.split, spec.name, spec.limit, spec.rename, spec.bad_rows)
     for column in (spec.prompt_column, priv.column):
         if column not in rows.column_names:
             raise UserError(f"dataset `{spec.path}` has no column `{column}` (columns: {', '.join(rows.column_names)})")
-    raw = {"student": list(rows[spec.prompt_column]),
-           "teacher": [teacher_prompt(priv.template, p, i) for p, i in zip(rows[spec.prompt_column], rows[priv.column])]}
+    usable = usable_rows(rows, [spec.prompt_column, priv.column], spec)
+    counts = {"data/skipped_rows": rows.skipped_rows + len(rows) - len(usable)}
+    prompts, privileged = rows[spec.prompt_column], rows[priv.column]
+    raw = {"student": [prompts[i] for i in usable],
+           "teacher": [teacher_prompt(priv.template, prompts[i], privileged[i]) for i in usable]}
     texts = {r: [render_prompt(ctx.tokenizer, p, spec.template, spec.system_prompt) for p in raw[r]] for r in ROLES}
     ids = {r: [ctx.tokenizer(x, add_special_tokens=False)["input_ids"] for x in texts[r]] for r in ROLES}
-    keep = [i for i in range(len(rows)) if all(len(ids[r][i]) <= spec.max_length for r in ROLES)]
-    if not keep:
+    fits = [k for k in range(len(usable)) if all(len(ids[r][k]) <= spec.max_length for r in ROLES)]
+    if not fits:
         raise UserError(f"dataset `{spec.path}`: every teacher or student prompt is longer than max_length "
                         f"{spec.max_length} tokens")
+    counts["data/prompts_too_long"] = len(usable) - len(fits)
+    if counts["data/prompts_too_long"]:
+        warnings.warn(f"dataset `{spec.path}`: {counts['data/prompts_too_long']} of {len(usable)} rows have a teacher "
+                      f"or student prompt longer than max_length {spec.max_length} tokens and are left out "
+                      f"(`data/prompts_too_long`)", stacklevel=2)
+    keep = [usable[k] for k in fits]
     columns = {c: [rows[c][i] for i in keep] for c in rows.column_names}
-    return {r: rl.PromptSet([ids[r][i] for i in keep], [texts[r][i] for i in keep], columns) for r in ROLES}
+    return {r: rl.PromptSet([ids[r][k] for k in fits], [texts[r][k] for k in fits], columns, counts=counts)
+            for r in ROLES}
 
 
 def build_pair_rows(groups, trains, prompts: dict[str, rl.PromptSet]) -> list[dict]:
@@ -164,7 +175,8 @@ def run(ctx: StageContext) -> Path:
         return metrics
 
     try:
-        return run_loop(ctx, learner, t.steps, step_fn, updates_per_step=updates_per_step)
+        return run_loop(ctx, learner, t.steps, step_fn, updates_per_step=updates_per_step,
+                        data_counts=prompts["student"].counts)
     finally:
         rl.finish_scorer(ctx, scorer)
         engine.close()
