@@ -183,7 +183,9 @@ def posttrain_recipe(model: Path, ns, seed: int) -> dict:
         "args": {"steps": ns.warmup + ns.steps, "prompts_per_step": PROMPTS, "group_size": GROUP,
                  "micro_batch_size": ns.micro_batch, "temperature": 1.0, "max_tokens": ns.max_tokens, "lr": 1e-6,
                  "lr_schedule": "constant", "warmup_steps": 0, "save_every": 0, "eval_every": 0, "log_every": 1,
-                 "kl_coef": 0.0, "loss_aggregation": "token-mean"},
+                 "kl_coef": 0.0, "loss_aggregation": "token-mean",
+                 # TRL (transformers' Trainer) takes torch's fused AdamW by default with torch >= 2.8: the same here
+                 "optimizer": "adamw_fused"},
     }
     if ns.engine == "vllm":
         stage["vllm"] = {"gpu_memory_utilization": ns.vllm_gpu_memory, "max_model_len": PROMPT_LENGTH + ns.max_tokens}
