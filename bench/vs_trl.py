@@ -29,10 +29,11 @@ with generation (`_generate_single_turn`) and scoring (`_calculate_rewards`) tim
 each child's own `getrusage(RUSAGE_SELF).ru_maxrss` at exit (the main process; posttrain's verifier workers are
 separate small processes and not counted), and the CUDA peak when there is a GPU.
 
-Known differences that settings cannot remove: posttrain's HF engine generates 64 rows per `generate` call and
-records the sampler's log-probs (a log-softmax over the vocabulary per new token), TRL generates all 128 rows in
-one call and records none; posttrain scores in 2 verifier worker processes, TRL in-process; the prompts each
-side draws differ (each shuffles with its own seed).
+Known differences that settings cannot remove: posttrain's HF engine records the sampler's log-probs (a
+log-softmax over the vocabulary per new token), TRL's records none (both generate the step's 128 rows in one
+`generate` call); posttrain scores in 2 verifier worker processes, TRL in-process; the prompts each side draws
+differ (each shuffles with its own seed). The random-init models never answer correctly, so every advantage is 0;
+both trainers still run the full forward, backward and optimizer step.
 
     OMP_NUM_THREADS=1 python bench/vs_trl.py [--steps 5 --repeats 2 --sizes quickstart-25M,vocab-152k]
     python bench/vs_trl.py --python-trl /path/to/trl-venv/bin/python --out runs/bench-vs-trl/results.json
@@ -55,6 +56,7 @@ import argparse
 import json
 import os
 import shutil
+import signal
 import socket
 import statistics
 import subprocess
@@ -329,10 +331,25 @@ def main() -> int:
 
     env = dict(os.environ, OMP_NUM_THREADS=str(ns.threads), MKL_NUM_THREADS=str(ns.threads),
                TOKENIZERS_PARALLELISM="false", HF_HUB_OFFLINE="1", TRANSFORMERS_NO_ADVISORY_WARNINGS="1")
+    out = Path(ns.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    models, runs, summary = {}, {}, None
+
+    def write(total: float | None = None) -> None:  # after every run: a killed benchmark keeps what it measured
+        out.write_text(json.dumps({
+            "complete": summary is not None,
+            "settings": dict(vars(ns), prompts_per_step=PROMPTS, group_size=GROUP, cpu_count=os.cpu_count()),
+            "versions": {"posttrain_side": ours, "trl_side": trl_versions},
+            "models": {s: m[1] for s, m in models.items()}, "summary": summary,
+            "runs": {s: {side: [{k: v for k, v in r.items() if k != "log"} for r in rs] for side, rs in sides.items()}
+                     for s, sides in runs.items()},
+            "total_s": total}, indent=1))
+
+    # SIGTERM as an exception: subprocess.run then kills the running child and the temp dir is removed
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(f"vs_trl: terminated; runs so far in {out}"))
     tmp = Path(tempfile.mkdtemp(prefix="vs-trl-"))
     began = time.perf_counter()
     try:
-        models = {}
         for size in sizes:
             models[size] = (tmp / size, build(tmp / size, SIZES[size]))
             print(f"[vs_trl] built {size}: {models[size][1]['params']:,} parameters, vocab {models[size][1]['vocab']:,}",
@@ -348,28 +365,19 @@ def main() -> int:
                     else:
                         r = run_trl(path, ns, repeat, work, env, gradient_checkpointing=side == "trl-defaults")
                     runs[size][side].append(r)
+                    write()
                     med = _median([s["step"] for s in r["steps"]])
                     status = "ok" if r["ok"] else f"FAILED (log: {r['log']})"
                     print(f"[vs_trl] repeat {repeat + 1}/{ns.repeats} {size:<15} {LABELS[side]:<21} {status}, "
                           f"{r['wall_s']:.0f} s wall, median step {med if med is None else round(med, 2)} s", flush=True)
         summary = {size: {side: summarise(runs[size][side]) for side in SIDES} for size in sizes}
         total = time.perf_counter() - began
+        write(total)
     finally:
         if ns.keep:
             print(f"[vs_trl] models and run directories kept in {tmp}")
         else:
             shutil.rmtree(tmp, ignore_errors=True)
-
-    out = Path(ns.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps({
-        "settings": {k: v for k, v in vars(ns).items()} | {"prompts_per_step": PROMPTS, "group_size": GROUP,
-                                                          "cpu_count": os.cpu_count()},
-        "versions": {"posttrain_side": ours, "trl_side": trl_versions},
-        "models": {s: m[1] for s, m in models.items()}, "summary": summary,
-        "runs": {s: {side: [{k: v for k, v in r.items() if k != "log"} for r in rs] for side, rs in sides.items()}
-                 for s, sides in runs.items()},
-        "total_s": total}, indent=1))
 
     timed = f"median of {ns.repeats} run(s) × {ns.steps} timed steps (after {ns.warmup} warm-up)"
     print(f"\nGRPO step, {PROMPTS} prompts × {GROUP} samples, ≤{ns.max_tokens} new tokens, micro-batch {ns.micro_batch}, "
