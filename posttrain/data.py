@@ -155,6 +155,11 @@ def _column_names(rows) -> list[str]:
     return list(dict.fromkeys(k for r in rows for k in r))
 
 
+def row_problem(row: dict, columns) -> str | None:
+    """The first of `columns` that is not usable text in `row` (see `text_problem`), or None."""
+    return next((p for c in columns if (p := text_problem(c, row.get(c))) is not None), None)
+
+
 def usable_rows(rows, columns: list[str], spec) -> list[int]:
     """Indices of the rows whose `columns` are all text. A bad row stops with the file and row number
     (`bad_rows: error`) or is left out with one warning and the count in `skipped` (`bad_rows: skip`)."""
@@ -163,8 +168,7 @@ def usable_rows(rows, columns: list[str], spec) -> list[int]:
     values = {c: (rows[c] if hasattr(rows, "column_names") else [r.get(c) for r in rows]) for c in columns if c in present}
     keep, bad = [], []
     for i in range(len(rows)):
-        why = next((p for c in columns if (p := text_problem(c, values[c][i] if c in values else None)) is not None),
-                   None)
+        why = row_problem({c: v[i] for c, v in values.items()}, columns)
         if why is None:
             keep.append(i)
         else:
@@ -232,7 +236,7 @@ def check_data_files(resolved, sample: int = 1000) -> None:
             wanted = []
         renamed = [{spec.rename.get(k, k): v for k, v in r.items()} for r in rows]
         bad_rows = [(i + 1, why) for i, r in enumerate(renamed)
-                    if (why := next((p for c in wanted if (p := text_problem(c, r.get(c))) is not None), None))]
+                    if (why := row_problem(r, wanted))]
         if bad_rows and (spec.bad_rows == "error" or len(bad_rows) == len(renamed)):
             problems.append(f"{at}: stages.{stage.name}.data: {_bad_rows_error(f'dataset `{path}`', bad_rows, 'row')}")
         size = spec.validation_size
