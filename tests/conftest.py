@@ -58,3 +58,14 @@ def tiny_vlm_dir(grounding_data, tmp_path_factory):
     new_model(path, arch="qwen2_5_vl", hidden=32, layers=2, heads=2, kv_heads=1, max_position=128,
               tokenizer_corpus=[grounding_data / "corpus.txt"], vocab_size=300)
     return path
+
+
+@pytest.fixture(scope="session")
+def vllm_quickstart_run(tmp_path_factory):
+    """The quickstart pipeline (hidden-128 variant) with `engine: vllm`, run once per session: the colocated
+    learning test reads it, and its SFT stage is the start of the asynchronous server run (test_vllm_server)."""
+    from helpers import train_quickstart_vllm
+
+    run_dir = tmp_path_factory.mktemp("vllm-quickstart") / "run"
+    train_quickstart_vllm(run_dir, "stages.grpo.engine=vllm", "stages.grpo.vllm.kv_cache_memory_bytes=134217728")
+    return run_dir

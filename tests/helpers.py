@@ -125,3 +125,59 @@ def user_video_data(root: Path) -> Path:
         (root / target).parent.mkdir(parents=True, exist_ok=True)
         shutil.copy(shared / source, root / target)
     return root
+
+
+def check_stop_strings_and_truncation(engine, tokenizer, prompt: list[int]) -> None:
+    """The rollout protocol on stop strings (kept in the text, the last token completes the first occurrence)
+    and on truncated sampling (no log-probs: vLLM's would be renormalised over the top-p support)."""
+    from posttrain.rollout.base import SamplingParams
+
+    free = engine.generate([prompt], SamplingParams(n=4, temperature=1.0, max_tokens=16, seed=1))[0]
+    # an ASCII character some completion writes after its first one (byte-level tokens can decode to partial
+    # UTF-8, so multi-byte text is no stable stop string)
+    stop = next((ch for c in free for ch in c.text[1:] if ch.isascii() and ch.isalnum()), None)
+    assert stop is not None
+    stopped = engine.generate([prompt], SamplingParams(n=4, temperature=1.0, max_tokens=16, seed=1, stop=(stop,)))[0]
+    assert any(stop in c.text for c in stopped)
+    for c in stopped:
+        assert c.text == tokenizer.decode(c.token_ids, skip_special_tokens=True)
+        if stop in c.text:
+            assert c.finish_reason == "stop"
+            assert stop not in tokenizer.decode(c.token_ids[:-1], skip_special_tokens=True)
+    top = engine.generate([prompt], SamplingParams(n=2, temperature=1.0, top_p=0.9, max_tokens=4))[0]
+    assert all(c.logprobs is None for c in top)
+
+
+def from_warm_start(warm: Path, run_dir: Path, stage: str = "sft") -> None:
+    """A run directory holding only the warm run's first stage (`stage`), ready for `--resume`: the later
+    stages then start from the very same checkpoint."""
+    run_dir.mkdir(parents=True)
+    for name in (stage, "init-model", "recipe.resolved.yaml"):
+        (shutil.copytree if (warm / name).is_dir() else shutil.copy)(warm / name, run_dir / name)
+    # the stage's metrics, not its evaluations: the resumed recipe measures its own benchmarks
+    def evaluation(line: str) -> bool:
+        return any(k.startswith("eval/") and k != "eval/loss" for k in json.loads(line))
+
+    lines = (warm / "metrics.jsonl").read_text().splitlines()
+    (run_dir / "metrics.jsonl").write_text("".join(l + "\n" for l in lines
+                                                   if json.loads(l)["stage"] == stage and not evaluation(l)))
+
+
+QUICKSTART_VLLM = ["model.new.hidden=128", "model.new.intermediate=384", "stages.sft.args.steps=750",
+                   "stages.grpo.args.steps=250", "eval.every=125", "tracking.progress=false"]
+
+
+def train_quickstart_vllm(run_dir: Path, *overrides: str, resume: bool = False) -> list[dict]:
+    """README command 1 on the hidden-128 variant (4 heads of 32, which vLLM's CPU kernels run), 750 SFT and
+    250 GRPO steps; returns the eval rows."""
+    import os
+    import subprocess
+    import sys
+
+    repo = Path(__file__).resolve().parents[1]
+    where = ["--resume" if resume else "--run-dir", str(run_dir)]
+    cmd = [sys.executable, "-m", "posttrain", "train", "recipes/quickstart/pipeline.yaml", *where, *QUICKSTART_VLLM,
+           *overrides]
+    proc = subprocess.run(cmd, cwd=repo, env=dict(os.environ, OMP_NUM_THREADS="1"), capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return [json.loads(line) for line in (run_dir / "eval.jsonl").read_text().splitlines()]

@@ -2,12 +2,12 @@
 
 import json
 import os
-import shutil
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+from helpers import from_warm_start
 
 REPO = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.slow
@@ -81,21 +81,6 @@ def distill_run(tmp_path_factory) -> Path:
     return run_dir
 
 
-def _from_warm_start(warm: Path, run_dir: Path) -> None:
-    """A run directory holding only the warm run's SFT stage, ready for `--resume`."""
-    run_dir.mkdir(parents=True)
-    for name in ("sft", "init-model", "recipe.resolved.yaml"):
-        (shutil.copytree if (warm / name).is_dir() else shutil.copy)(warm / name, run_dir / name)
-    # the SFT stage's metrics, not its evaluations: the resumed recipe measures its own benchmarks
-    lines = (warm / "metrics.jsonl").read_text().splitlines()
-    (run_dir / "metrics.jsonl").write_text("".join(l + "\n" for l in lines
-                                                   if json.loads(l)["stage"] == "sft" and not _is_eval(l)))
-
-
-def _is_eval(line: str) -> bool:
-    return any(k.startswith("eval/") and k != "eval/loss" for k in json.loads(line))
-
-
 def test_pi_distill_raises_the_students_no_hint_accuracy(distill_run):
     """SFT on answers (some with the worked solution in the prompt), then π-Distill with the solution as
     privileged information: the student's accuracy WITHOUT the solution rises."""
@@ -108,7 +93,7 @@ def test_pi_distill_raises_the_students_no_hint_accuracy(distill_run):
 
 def test_opsd_raises_the_students_no_hint_accuracy(distill_run, tmp_path):
     """The same SFT stage, then OPSD: the student samples, its return shaped by the reverse KL to the teacher."""
-    _from_warm_start(distill_run, tmp_path / "opsd")
+    from_warm_start(distill_run, tmp_path / "opsd")
     evals = _train("recipes/quickstart/opsd.yaml", tmp_path / "opsd", resume=True)
     assert [e["model"] for e in evals] == ["initial", "sft", "distill"]
     _, sft, student = (e["accuracy"] for e in evals)

@@ -12,6 +12,7 @@ import torch  # noqa: E402
 
 from posttrain.algorithms.ops import token_logprobs  # noqa: E402
 from posttrain.rollout.base import RolloutError, SamplingParams, make_engine  # noqa: E402
+from helpers import check_stop_strings_and_truncation  # noqa: E402
 from pathlib import Path  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
@@ -116,20 +117,7 @@ def test_lora_adapter_sync_matches_hf(model_dir, tokenizer):
 def test_stop_strings_are_kept_and_truncated_sampling_has_no_logprobs(model_dir, tokenizer):
     model = _hf(model_dir)
     engine = make_engine("vllm", model=model, tokenizer=tokenizer, path=model_dir)
-    free = engine.generate(_prompts(tokenizer)[:1], SamplingParams(n=4, temperature=1.0, max_tokens=16, seed=1))[0]
-    # an ASCII character some completion writes after its first one (byte-level tokens can decode to partial
-    # UTF-8, so multi-byte text is no stable stop string)
-    stop = next((ch for c in free for ch in c.text[1:] if ch.isascii() and ch.isalnum()), None)
-    assert stop is not None
-    stopped = engine.generate(_prompts(tokenizer)[:1], SamplingParams(n=4, temperature=1.0, max_tokens=16, seed=1, stop=(stop,)))[0]
-    assert any(stop in c.text for c in stopped)
-    for c in stopped:
-        assert c.text == tokenizer.decode(c.token_ids, skip_special_tokens=True)
-        if stop in c.text:  # kept, and the last token is the one that completed its first occurrence
-            assert c.finish_reason == "stop"
-            assert stop not in tokenizer.decode(c.token_ids[:-1], skip_special_tokens=True)
-    top = engine.generate(_prompts(tokenizer)[:1], SamplingParams(n=2, temperature=1.0, top_p=0.9, max_tokens=4))[0]
-    assert all(c.logprobs is None for c in top)  # vLLM's would be renormalised over the top-p support
+    check_stop_strings_and_truncation(engine, tokenizer, _prompts(tokenizer)[0])
 
 
 def test_unsupported_cpu_head_dim_fails_with_the_setting_to_change(tmp_path, tokenizer):
@@ -240,23 +228,12 @@ def test_two_processes_each_drive_their_own_vllm_engine(model_dir, tmp_path):
 
 
 @pytest.mark.slow
-def test_quickstart_pipeline_with_vllm_rollouts_learns(tmp_path):
-    """README command 1 on the hidden-128 variant (4 heads of 32, which vLLM's CPU kernels run) with `engine: vllm`:
-    GRPO must end clearly above its SFT start (measured 0.500 → 0.612 / 0.600 after 125 / 250 steps; the HF
-    engine from the 0.734 checkpoint of a longer SFT: +4.6, vLLM +4.2 after 250 steps)."""
+def test_quickstart_pipeline_with_vllm_rollouts_learns(vllm_quickstart_run):
+    """GRPO with `engine: vllm` must end clearly above its SFT start (measured 0.500 → 0.612 / 0.600 after
+    125 / 250 steps; the HF engine from the 0.734 checkpoint of a longer SFT: +4.6, vLLM +4.2 after 250 steps)."""
     import json
-    import os
-    import subprocess
-    import sys
 
-    run_dir = tmp_path / "run"
-    cmd = [sys.executable, "-m", "posttrain", "train", "recipes/quickstart/pipeline.yaml", "--run-dir", str(run_dir),
-           "stages.grpo.engine=vllm", "model.new.hidden=128", "model.new.intermediate=384", "stages.sft.args.steps=750",
-           "stages.grpo.args.steps=250", "stages.grpo.vllm.kv_cache_memory_bytes=134217728", "eval.every=125",
-           "tracking.progress=false"]
-    proc = subprocess.run(cmd, cwd=REPO, env=dict(os.environ, OMP_NUM_THREADS="1"), capture_output=True, text=True)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    evals = [json.loads(line) for line in (run_dir / "eval.jsonl").read_text().splitlines()]
+    evals = [json.loads(line) for line in (vllm_quickstart_run / "eval.jsonl").read_text().splitlines()]
     assert [e["model"] for e in evals] == ["initial", "sft", "grpo"]
     _, sft, grpo = (e["accuracy"] for e in evals)
     assert grpo >= sft + 0.05

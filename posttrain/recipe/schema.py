@@ -161,6 +161,10 @@ class RLArgs(TrainArgs):
     # rows (prompt × sample) per `generate` call of the hf engine; default: all of the step's rows on this
     # process in one call (fewer: less memory for the KV cache). The vllm engine takes a step in one call.
     generation_batch_size: int | None = Field(None, gt=0)
+    # asynchronous RL (`engine: vllm_server`): the servers generate step t+k's batch while the learner trains
+    # on step t, so a batch is at most k weight versions old (its sampler log-probs correct it: needs tis_cap).
+    # 0: synchronous, every batch from the current weights
+    async_steps: int = Field(0, ge=0)
 
 
 def geometry_problems(t: TrainArgs, processes: int) -> list[str]:
@@ -266,6 +270,24 @@ class VLLMSpec(Strict):
     sync_timeout: float = Field(300.0, gt=0)  # seconds a weight sync may take before the run stops with an error
 
 
+class VLLMServerSpec(Strict):
+    """Settings of `engine: vllm_server` (vLLM's own servers, on other GPUs or nodes); posttrain/rollout/server.py."""
+
+    urls: list[str] = []  # running `vllm serve` servers (README); empty: posttrain starts one on this machine
+    model: str | None = None  # what the servers were started with; default: the stage's starting model
+    weight_transfer: Literal["auto", "nccl", "posttrain_gloo"] = "auto"  # auto: nccl on GPUs, posttrain_gloo on CPU
+    transfer_address: str | None = None  # this machine's address the servers reach; default: the route to urls[0]
+    transfer_port: int = Field(0, ge=0, le=65535)  # 0: a free port
+    concurrency: int = Field(64, gt=0)  # generation requests in flight per trainer process
+    request_timeout: float = Field(600.0, gt=0)  # seconds one generation request may take
+    retry_seconds: float = Field(120.0, gt=0)  # a server that does not answer is retried this long, then the run stops
+    start_timeout: float = Field(600.0, gt=0)  # seconds to wait for the servers at the start of a stage
+    sync_timeout: float = Field(300.0, gt=0)  # seconds a weight sync may take before the run stops with an error
+    max_model_len: int | None = Field(None, gt=0)  # default: data.max_length + args.max_tokens
+    serve_args: list[str] = []  # extra `vllm serve` flags for a server posttrain starts, e.g. ["--tensor-parallel-size", "2"]
+    gpu_memory_utilization: float = Field(0.3, gt=0, le=1)  # a server posttrain starts on this machine's GPU
+
+
 class PrivilegedSpec(Strict):
     """Distillation stages: the dataset column with the privileged information I (a hint, a worked solution,
     expert actions) and how the teacher's prompt shows it: `template` with `{prompt}` and `{privileged}`."""
@@ -315,8 +337,11 @@ class StageSpec(Strict):
     privileged: PrivilegedSpec | None = None  # distill stages: the privileged column and the teacher's prompt
     synthesizer: SynthesizerSpec | None = None  # ttcs stages: the synthesizer's prompt and settings
     scorer: ScorerSpec = ScorerSpec()  # RL stages: verifier worker processes and their memory cap
-    engine: Literal["hf", "vllm"] = "hf"  # RL stages: the rollout engine
+    # RL stages: the rollout engine: hf (transformers generate), vllm (in-process, colocated), vllm_server
+    # (vLLM's own servers: other GPUs or nodes, asynchronous RL); README "Launching on many GPUs and nodes"
+    engine: Literal["hf", "vllm", "vllm_server"] = "hf"
     vllm: VLLMSpec = VLLMSpec()  # settings of `engine: vllm`
+    vllm_server: VLLMServerSpec = VLLMServerSpec()  # settings of `engine: vllm_server`
 
 
 class Recipe(Strict):

