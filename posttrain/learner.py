@@ -256,21 +256,80 @@ def _merged_copy(peft_model):
 FULL_LOGITS_BUDGET = 2**26  # fp32 numbers of full logits above which log-probs are computed in chunks
 
 
-def policy_logprobs(model, mb: dict, temperature: float) -> tuple[torch.Tensor, torch.Tensor]:
+def packed_inputs(mb: dict) -> tuple[dict, torch.Tensor] | None:
+    """A right-padded micro-batch without its padding: each row's tokens placed one after another into rows of
+    the batch's width, `position_ids` restarting at 0 per row and no attention mask, so transformers masks
+    attention block-diagonally (as for SFT packing, `data.pack`) and no row sees another. Returns the packed
+    forward inputs and `where` `[N, L]`: for each original position its index in the flattened packed
+    sequence, or R·L (one past the end) for padding. None when packing saves no row (or the batch has video:
+    its 3-D positions are not restarted here)."""
+    attention = mb.get("attention_mask")
+    if attention is None or mb.get("pixel_values_videos") is not None:
+        return None
+    lengths = attention.sum(1).tolist()
+    width = attention.shape[1]
+    rows: list[list[int]] = []  # first-fit decreasing: the longest rows first, each into the first with room
+    used: list[int] = []
+    for i in sorted(range(len(lengths)), key=lambda i: -lengths[i]):
+        r = next((r for r, u in enumerate(used) if u + lengths[i] <= width), len(rows))
+        if r == len(rows):
+            rows.append([])
+            used.append(0)
+        rows[r].append(i)
+        used[r] += lengths[i]
+    if len(rows) == len(lengths):
+        return None
+    ids = mb["input_ids"]
+    packed = torch.zeros((len(rows), width), dtype=ids.dtype, device=ids.device)
+    positions = torch.zeros_like(packed)
+    where = torch.full(ids.shape, len(rows) * width, dtype=torch.long, device=ids.device)
+    for r, members in enumerate(rows):
+        offset = 0
+        for i in members:
+            n = lengths[i]
+            packed[r, offset : offset + n] = ids[i, :n]
+            positions[r, offset : offset + n] = torch.arange(n)
+            where[i, :n] = r * width + offset + torch.arange(n, device=ids.device)
+            offset += n
+        positions[r, offset:] = torch.arange(width - offset)  # the tail is its own segment
+    return {"input_ids": packed, "position_ids": positions, "use_cache": False}, where
+
+
+def _unpacked(states: torch.Tensor, where: torch.Tensor) -> torch.Tensor:
+    """Packed `[R, L, H]` states back in the padded layout `[N, L, H]` (zeros at padding); differentiable."""
+    flat = states.reshape(-1, states.shape[-1])
+    flat = torch.cat([flat, flat.new_zeros(1, flat.shape[-1])])
+    return flat[where]
+
+
+def policy_logprobs(model, mb: dict, temperature: float, padding_free: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """Learner log-probs of the target tokens and the policy's entropy, both `[n, L−1]`, logits divided by the
     sampling temperature, at the loss positions (`mb["mask"]`; 0 elsewhere). When the full `[n, L−1, V]` fp32
     logits would exceed `FULL_LOGITS_BUDGET` numbers (256 MiB) and the LM head is separable
     (`models.separable_head`), they never exist: the final hidden states of the loss positions go through the
     head in checkpointed chunks (`ops.chunked_token_logprobs`), which is what lets a 152k vocabulary fit.
     Below the budget (small vocabularies: chunking buys nothing there) and for soft-capped logits, the full
-    forward's logits are used; both give the same values to fp32 rounding (tests/test_logprobs.py)."""
+    forward's logits are used; both give the same values to fp32 rounding (tests/test_logprobs.py).
+    `padding_free` (RL `args.padding_free`): the model body runs on the rows packed without padding
+    (`packed_inputs`); values and gradients equal the padded computation to fp32 rounding."""
     targets, mask = mb["input_ids"][:, 1:], mb["mask"]
     head = separable_head(model)
-    if head is not None and targets.numel() * head.out_features > FULL_LOGITS_BUDGET:
-        with hidden_states_as_logits(model) as head:
+    chunked = head is not None and targets.numel() * head.out_features > FULL_LOGITS_BUDGET
+    packing = packed_inputs(mb) if padding_free and head is not None else None
+    if not chunked and packing is None:
+        return _logprobs_and_entropy(model(**forward_inputs(model, mb)).logits[:, :-1], targets, mask, temperature)
+    with hidden_states_as_logits(model) as head:
+        if packing is None:
             hidden = model(**forward_inputs(model, mb)).logits[:, :-1]
+        else:  # the body runs on the packed rows, the head on the padded layout's positions
+            inputs, where = packing
+            hidden = _unpacked(model(**inputs).logits, where)[:, :-1]
+    if chunked:
         return chunked_token_logprobs(hidden, head, targets, mask, temperature)
-    logits = model(**forward_inputs(model, mb)).logits[:, :-1]
+    return _logprobs_and_entropy(head(hidden), targets, mask, temperature)
+
+
+def _logprobs_and_entropy(logits, targets, mask, temperature):
     logp = token_logprobs(logits, targets, temperature) * mask
     with torch.no_grad():
         z = logits.float() / temperature

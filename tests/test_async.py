@@ -1,8 +1,8 @@
-"""Asynchronous RL plumbing without vLLM: the prefetcher's staleness bound, the engine lock, the refusals."""
+"""Asynchronous RL plumbing without vLLM (the prefetcher's staleness bound, the engine lock) and the recipe checks of
+the RL-loop keys (`async_steps`, `padding_free`) where they cannot run."""
 
 import threading
 import time
-from types import SimpleNamespace
 
 import pytest
 
@@ -72,18 +72,41 @@ def test_prefetcher_stops_at_the_last_step_and_closes_cleanly():
     assert calls == [0, 1, 2, 3]
 
 
-def _stage(k, engine="vllm_server", tis_cap=2.0, algo_has_tis=True):
-    algo = SimpleNamespace(tis_cap=tis_cap) if algo_has_tis else SimpleNamespace()
-    return SimpleNamespace(name="grpo", train=SimpleNamespace(async_steps=k), algo=algo,
-                           spec=SimpleNamespace(kind="grpo"))
+def _load(tmp_path, kind: str, engine: str, **args):
+    from helpers import write_addition_data, write_recipe
+
+    from posttrain.recipe import load_recipe
+
+    data = write_addition_data(tmp_path / "data")
+    stage = {"data": {"path": f"{data}/train.jsonl", "template": "plain"}, "engine": engine,
+             "args": {"steps": 2, **args}}
+    if kind == "spo":
+        stage["judge"] = {"kind": "rule", "reward": {"name": "exact"}}
+    elif kind == "distill":
+        stage.update(privileged={"column": "answer"}, rewards=[{"name": "exact"}])
+    else:
+        stage["rewards"] = [{"name": "exact"}]
+    recipe = {"name": "a", "model": {"path": "unused"}, "stages": {kind: stage}}
+    return load_recipe(write_recipe(tmp_path, recipe))
 
 
-def test_async_steps_is_refused_where_it_cannot_be_honest():
-    assert asynchronous.check(_stage(0, engine="hf"), "hf") == 0
-    assert asynchronous.check(_stage(2), "vllm_server") == 2
-    with pytest.raises(UserError, match="needs `engine: vllm_server`"):
-        asynchronous.check(_stage(1), "vllm")
-    with pytest.raises(UserError, match="set `tis_cap`"):
-        asynchronous.check(_stage(1, tis_cap=None), "vllm_server")
-    with pytest.raises(UserError, match="no importance correction"):
-        asynchronous.check(_stage(1, algo_has_tis=False), "vllm_server")
+def test_async_steps_is_refused_where_it_cannot_be_honest(tmp_path):
+    """At load time (so `posttrain validate` says it, with the recipe line): only the RL loop has a rollout
+    thread, only a server engine generates outside the learner's process, and stale samples need tis_cap."""
+    assert _load(tmp_path, "grpo", "vllm_server", async_steps=2, tis_cap=2.0).stages[0].train.async_steps == 2
+    _load(tmp_path, "spo", "vllm_server", async_steps=1, tis_cap=2.0)
+    _load(tmp_path, "grpo", "hf", async_steps=0)
+    for kind, engine, args, message in [
+        ("grpo", "vllm", {"tis_cap": 2.0}, "needs `engine: vllm_server`"),
+        ("grpo", "vllm_server", {}, "set `tis_cap`"),
+        ("nft", "vllm_server", {}, "no importance correction"),
+        ("distill", "vllm_server", {}, "samples synchronously"),
+    ]:
+        with pytest.raises(UserError, match=rf"t\.yaml:\d+: stages\.{kind}\.args\.async_steps: .*{message}"):
+            _load(tmp_path, kind, engine, async_steps=1, **args)
+
+
+def test_padding_free_is_refused_where_rows_are_not_packed(tmp_path):
+    with pytest.raises(UserError, match=r"stages\.distill\.args\.padding_free: a `distill` stage"):
+        _load(tmp_path, "distill", "hf", padding_free=True)
+    assert _load(tmp_path, "grpo", "hf", padding_free=True).stages[0].train.padding_free

@@ -217,3 +217,57 @@ def test_shipped_distill_recipes_run_two_steps_on_a_tiny_model(tmp_path, name):
     ]
     run_dir = run_two_steps(REPO / "recipes" / name, overrides, tmp_path / "run", "distill")
     assert (run_dir / "distill" / "final" / "model.safetensors").is_file()
+
+
+def test_chunked_reverse_kl_equals_the_full_distribution_kl_and_its_student_gradient():
+    from posttrain.algorithms.ops import chunked_reverse_kl
+
+    g = torch.Generator().manual_seed(0)
+    head = torch.nn.Linear(16, 70, bias=False)
+    with torch.no_grad():
+        head.weight.copy_(torch.randn(70, 16, generator=g))
+    student = torch.randn(3, 7, 16, generator=g, requires_grad=True)
+    teacher = torch.randn(3, 7, 16, generator=g, requires_grad=True)
+    mask = torch.rand(3, 7, generator=g) > 0.3
+    for chunk in (1, 4, None):
+        kl = chunked_reverse_kl(student, teacher, head, mask, temperature=0.8, chunk=chunk)
+        full = distill.full_reverse_kl(head(student), head(teacher), 0.8)
+        torch.testing.assert_close(kl, full * mask, rtol=1e-6, atol=1e-6)
+        weights = torch.randn(mask.shape, generator=g)
+        (kl * weights).sum().backward()
+        chunked_grads = student.grad.clone(), head.weight.grad.clone()
+        assert teacher.grad is None  # the teacher is a constant of the KL
+        student.grad = head.weight.grad = None
+        (full * mask * weights).sum().backward()
+        torch.testing.assert_close(chunked_grads[0], student.grad, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(chunked_grads[1], head.weight.grad, rtol=1e-5, atol=1e-5)
+        student.grad = head.weight.grad = None
+
+
+@pytest.mark.parametrize("mode, kl", [("pi_distill", "reward"), ("opsd", "reward"), ("opsd", "full")])
+def test_distill_losses_without_the_full_logits_equal_the_full_computation(tiny_lm_dir, monkeypatch, mode, kl):
+    """Above `FULL_LOGITS_BUDGET` (forced here) each role's forward stops at the final hidden states of the
+    response positions and the head runs in chunks: the loss and every gradient are unchanged (fp32)."""
+    from transformers import AutoModelForCausalLM
+
+    from posttrain.stages import distill as stage
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_lm_dir)
+    prompts = {"student": PromptSet([[5, 6], [7, 8, 9]], ["", ""], {}),
+               "teacher": PromptSet([[11, 12, 13, 14, 5, 6], [15, 7, 8, 9]], ["", ""], {})}
+    c = lambda ids: Completion(prompt_index=0, token_ids=ids, text="", logprobs=None, finish_reason="stop")
+    groups = [Group(0, [c([20, 21, 2]), c([22, 2])], [1.0, 0.0], {}), Group(1, [c([23, 24, 25, 26])], [0.0], {})]
+    batch = collate_pair(build_pair_rows(groups, [True, False], prompts), pad_id=0)
+    batch["adv"], batch["adv_teacher"] = torch.tensor([0.5, -0.5, 1.0]), torch.tensor([1.0, -1.0, 0.3])
+    args = distill.Args(mode=mode, opsd_kl=kl, beta=0.3)
+    results = []
+    for budget in (stage.FULL_LOGITS_BUDGET, 0):
+        monkeypatch.setattr(stage, "FULL_LOGITS_BUDGET", budget)
+        model.zero_grad()
+        out = stage.distill_loss(model, batch, args, temperature=0.9)
+        total = (out.loss * out.mask).sum()
+        total.backward()
+        results.append((total.detach(), {n: p.grad.clone() for n, p in model.named_parameters()}))
+    torch.testing.assert_close(results[0][0], results[1][0], rtol=1e-5, atol=1e-6)
+    for name, grad in results[0][1].items():
+        torch.testing.assert_close(grad, results[1][1][name], rtol=1e-4, atol=1e-6, msg=name)

@@ -80,3 +80,45 @@ def test_policy_logprobs_of_a_model_equal_its_full_logits_and_restore_the_head(t
     (full * mask).sum().backward()
     for name, p in model.named_parameters():
         assert torch.allclose(grads[name], p.grad, rtol=1e-5, atol=1e-5), name
+
+
+@pytest.mark.parametrize("chunked", [False, True])
+def test_padding_free_log_probs_and_the_rl_loss_gradients_equal_the_padded_ones(tiny_lm_dir, monkeypatch, chunked):
+    """`args.padding_free`: rows of different lengths (an RL micro-batch: right-padded after `collate_rl`) are
+    packed into fewer rows with restarting position ids; the log-probs, entropy, GRPO loss and every
+    parameter's gradient equal the padded computation to fp32 rounding, on the full-logits and chunked paths."""
+    from transformers import AutoModelForCausalLM
+
+    from posttrain import learner
+    from posttrain.algorithms import grpo
+    from posttrain.learner import packed_inputs, policy_logprobs
+    from posttrain.stages.rl import collate_rl, rl_loss
+
+    if chunked:
+        monkeypatch.setattr(learner, "FULL_LOGITS_BUDGET", 0)
+    model = AutoModelForCausalLM.from_pretrained(tiny_lm_dir)
+    g = torch.Generator().manual_seed(1)
+    rows = []
+    for k, (prompt, completion) in enumerate([(5, 3), (4, 9), (6, 2), (3, 1), (7, 6), (2, 4)]):
+        ids = torch.randint(1, 64, (prompt + completion,), generator=g).tolist()
+        rows.append({"input_ids": ids, "mask": [0] * prompt + [1] * completion, "credit": {"adv": float(k % 3 - 1)},
+                     "truncated": False, "rollout_logp": None, "media": None})
+    mb = collate_rl(rows, pad_id=0)
+    inputs, where = packed_inputs(mb)
+    assert inputs["input_ids"].shape[0] < len(rows)  # 6 rows of width 13 fit in 4
+    assert int((inputs["input_ids"] != 0).sum()) == sum(len(r["input_ids"]) for r in rows)
+
+    padded = policy_logprobs(model, mb, 0.8)
+    packed = policy_logprobs(model, mb, 0.8, padding_free=True)
+    for a, b in zip(padded, packed):
+        assert torch.allclose(a, b, atol=1e-5), (a - b).abs().max()
+
+    args = grpo.Args()
+    grads = []
+    for padding_free in (False, True):
+        model.zero_grad()
+        result = rl_loss(model, mb, grpo, args, 0.8, padding_free=padding_free)
+        (result.loss * result.mask).sum().backward()
+        grads.append({n: p.grad.clone() for n, p in model.named_parameters()})
+    for name in grads[0]:
+        assert torch.allclose(grads[0][name], grads[1][name], rtol=1e-4, atol=1e-5), name

@@ -140,13 +140,13 @@ def test_stop_strings_are_kept_and_truncated_sampling_has_no_logprobs(model_dir,
         engine.close()
 
 
-def _run(recipe: dict, run_dir: Path, tmp_path: Path, *extra: str) -> subprocess.CompletedProcess:
-    path = tmp_path / "recipe.yaml"
+def _run(recipe: dict, run_dir: Path, tmp_path: Path, *extra: str, launcher=()) -> subprocess.CompletedProcess:
     import yaml
 
+    path = tmp_path / f"{run_dir.name}.yaml"
     path.write_text(yaml.safe_dump(recipe))
     env = dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1")
-    return subprocess.run([sys.executable, "-m", "posttrain", "train", str(path), "--run-dir", str(run_dir),
+    return subprocess.run([sys.executable, *launcher, "-m", "posttrain", "train", str(path), "--run-dir", str(run_dir),
                            "tracking.progress=false", *extra], cwd=REPO, env=env, capture_output=True, text=True)
 
 
@@ -194,6 +194,41 @@ def test_async_grpo_with_the_server_learns_like_synchronous_grpo(vllm_quickstart
     rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     staleness = [r["engine/staleness"] for r in rows if r["stage"] == "grpo" and "engine/staleness" in r]
     assert len(staleness) == 250 and max(staleness) == 1 and sum(staleness) >= 200
+
+
+def test_distill_ttcs_and_two_trainer_processes_run_with_servers_posttrain_starts(model_dir, tmp_path):
+    """No `urls`: posttrain starts the servers itself. The distillation stage (one engine) and TTCS (one server
+    per policy, each synced from its own learner) run unchanged; two trainer processes (gloo) share the
+    server rank 0 started, rank 0 sends the weights and both sample their shard after every sync."""
+    small = {"steps": 2, "prompts_per_step": 4, "group_size": 4, "micro_batch_size": 8, "max_tokens": 6,
+             "warmup_steps": 0}
+    stages = {
+        "distill": {"data": {"path": "data/quickstart/extras/distill.jsonl", "template": "plain", "max_length": 32},
+                    "privileged": {"column": "solution", "template": "{privileged};{prompt}"},
+                    "rewards": [{"name": "exact"}], "engine": "vllm_server", "args": small},
+        "ttcs": {"data": {"path": "data/quickstart/test.jsonl", "template": "plain", "max_length": 16},
+                 "synthesizer": {"template": "{question}?", "args": {**small, "max_tokens": 16}},
+                 "engine": "vllm_server",
+                 "args": {**small, "synthetic_per_step": 2, "judge_samples": 4, "skeleton_check": False}},
+    }
+    recipe = {"name": "server-stages", "model": {"path": str(model_dir)}, "tracking": {"progress": False},
+              "stages": stages}
+    proc = _run(recipe, tmp_path / "run", tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    records = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records if r["stage"] == "distill"] == [1, 2]
+    assert [r["step"] for r in records if r["stage"] == "ttcs"] == [1, 2]
+    assert sorted(p.name for p in (tmp_path / "run" / "ttcs").glob("vllm_server*.log")) == \
+        ["vllm_server-2.log", "vllm_server.log"]
+
+    data = write_addition_data(tmp_path / "data") / "train.jsonl"
+    grpo = _grpo_recipe(model_dir, data, "", steps=2, micro_batch_size=8)
+    grpo["stages"]["grpo"]["vllm_server"] = {}
+    launcher = ["-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2"]
+    proc = _run(grpo, tmp_path / "two", tmp_path, launcher=launcher)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rows = [json.loads(line) for line in (tmp_path / "two" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [1, 2] and all(r["time/sync"] > 0 for r in rows)
 
 
 # -------------------------------------------------------------------------------------------------- faults

@@ -93,8 +93,14 @@ def response_logprobs(logits: torch.Tensor, input_ids: torch.Tensor, starts: tor
     return _gather_span(logp, starts, width)
 
 
+def response_targets(input_ids: torch.Tensor, starts: torch.Tensor, width: int) -> torch.Tensor:
+    """Each row's response tokens, left-aligned `[N, width]` (what `response_logits` predicts)."""
+    return _gather_span(input_ids[:, 1:], starts, width)
+
+
 def response_logits(logits: torch.Tensor, starts: torch.Tensor, width: int) -> torch.Tensor:
-    """The logits that predict each row's response tokens, left-aligned: `[N, width, V]`."""
+    """The logits that predict each row's response tokens, left-aligned: `[N, width, V]` (or any per-position
+    states `[N, L, D]`, e.g. the final hidden states)."""
     index = _span_index(starts, width, logits.shape[1] - 1)
     return logits.gather(1, index.unsqueeze(-1).expand(-1, -1, logits.shape[-1]))
 

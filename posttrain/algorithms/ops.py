@@ -87,6 +87,38 @@ def _chunk_logprobs(head, hidden: torch.Tensor, targets: torch.Tensor, temperatu
     return logp, entropy
 
 
+def _chunk_reverse_kl(head, student: torch.Tensor, teacher: torch.Tensor, temperature: float) -> torch.Tensor:
+    """`Σ_v π_S(v) (log π_S(v) − log sg π_T(v))` `[m]` of one chunk of hidden states."""
+    s = torch.log_softmax(head(student).float() / temperature, -1)
+    with torch.no_grad():
+        t = torch.log_softmax(head(teacher).float() / temperature, -1)
+    return (s.exp() * (s - t)).sum(-1)
+
+
+def chunked_reverse_kl(student_hidden: torch.Tensor, teacher_hidden: torch.Tensor, head, mask: torch.Tensor,
+                       temperature: float = 1.0, chunk: int | None = None) -> torch.Tensor:
+    """The full-distribution reverse KL `KL(π_S ‖ sg π_T)` per position `[N, T]` (OPSD's `opsd_kl: full`)
+    from the two roles' final hidden states `[N, T, H]` at the same response positions, without their
+    `[N, T, V]` logits: at the `mask` positions only, in chunks (two chunks of fp32 logits at a time: half
+    of `logit_chunk`), the student's under activation checkpointing. 0 outside `mask`. Equal to
+    `distill.full_reverse_kl(head(student_hidden), head(teacher_hidden))` to fp32 rounding."""
+    from torch.utils.checkpoint import checkpoint
+
+    where = mask.bool()
+    s, t = student_hidden[where], teacher_hidden[where].detach()
+    chunk = chunk or max(1, logit_chunk(getattr(head, "out_features", None) or head.weight.shape[0]) // 2)
+    parts = []
+    for i in range(0, s.shape[0], chunk):
+        args = (head, s[i : i + chunk], t[i : i + chunk], temperature)
+        grad = torch.is_grad_enabled() and s.requires_grad
+        parts.append(checkpoint(_chunk_reverse_kl, *args, use_reentrant=False) if grad else _chunk_reverse_kl(*args))
+    kl = student_hidden.new_zeros(where.shape, dtype=torch.float32)
+    if parts:
+        return kl.masked_scatter(where, torch.cat(parts))
+    # no loss position: keep the student in the graph with zero gradients (DDP waits for every parameter)
+    return kl + 0.0 * (student_hidden.float().sum() + head(student_hidden.reshape(-1, student_hidden.shape[-1])[:1]).float().sum())
+
+
 def chunked_token_logprobs(hidden: torch.Tensor, head, targets: torch.Tensor, mask: torch.Tensor,
                            temperature: float = 1.0, chunk: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """`token_logprobs` (and the entropy, as a metric) at the `mask` positions only, without the `[N, T, V]`

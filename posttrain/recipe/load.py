@@ -160,6 +160,12 @@ def _validate_stage(name: str, spec, recipe_where: Where, source: str) -> tuple[
         return None, [f"{locate(recipe_where, ('stages', name, 'args', 'shaped_reward'), source)}: "
                       f"stages.{name}.args.shaped_reward: {shaped!r} is not one of the stage's rewards"
                       + did_you_mean(shaped, keys) + "; name the reward the soft advantage shapes"]
+    if problem := async_problem(name, kind, kind_spec, spec.engine, train, algo):
+        return None, [f"{locate(recipe_where, ('stages', name, 'args', 'async_steps'), source)}: {problem}"]
+    if getattr(train, "padding_free", False) and (kind_spec.privileged or spec.data.video is not None):
+        what = "a `distill` stage's two-prompt forwards are" if kind_spec.privileged else "video rows (3-D positions) are"
+        return None, [f"{locate(recipe_where, ('stages', name, 'args', 'padding_free'), source)}: "
+                      f"stages.{name}.args.padding_free: {what} not packed; remove it"]
     synthesizer = None
     if kind_spec.synthesizer:
         synth_model = stage_args_model("synthesizer", kind_spec.synthesizer, True)
@@ -168,6 +174,28 @@ def _validate_stage(name: str, spec, recipe_where: Where, source: str) -> tuple[
         except ValidationError as exc:
             return None, validation_errors(exc, synth_model, ("stages", name, "synthesizer", "args"), recipe_where, source)
     return Stage(name=name, kind=kind, spec=spec, train=train, algo=algo, synthesizer=synthesizer), []
+
+
+def async_problem(name: str, kind: str, kind_spec, engine: str, train, algo) -> str | None:
+    """Why `args.async_steps` > 0 cannot run honestly in this stage (None when it can, or when it is 0):
+    generation must run in its own processes (a colocated engine shares the learner's process, `hf` its very
+    weights), stale samples need the importance correction `tis_cap`, and only the RL loop has a rollout thread."""
+    k = getattr(train, "async_steps", 0)
+    where = f"stages.{name}.args.async_steps"
+    if not k:
+        return None
+    if kind_spec.privileged or kind_spec.synthesizer:
+        return f"{where}: a `{kind}` stage samples synchronously (no rollout thread); use async_steps: 0"
+    if engine != "vllm_server":
+        return (f"{where}: {k} needs `engine: vllm_server` (generation in its own processes); the `{engine}` engine "
+                f"shares the learner's process")
+    if not hasattr(algo, "tis_cap"):
+        return (f"{where}: the `{kind}` algorithm has no importance correction for samples from older weights "
+                f"(tis_cap); use async_steps: 0")
+    if algo.tis_cap is None:
+        return f"{where}: {k} samples from weights up to {k} steps old; set `tis_cap` (e.g. 2.0) so their sampler " \
+               f"log-probs correct the loss"
+    return None
 
 
 _STAGE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,99}")

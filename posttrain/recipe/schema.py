@@ -165,6 +165,9 @@ class RLArgs(TrainArgs):
     # on step t, so a batch is at most k weight versions old (its sampler log-probs correct it: needs tis_cap).
     # 0: synchronous, every batch from the current weights
     async_steps: int = Field(0, ge=0)
+    # run the model on the rows packed without padding (position ids restart per row): the same loss and
+    # gradients to fp32 rounding, less compute when lengths vary (README "The GRPO step"); text data only
+    padding_free: bool = False
 
 
 def geometry_problems(t: TrainArgs, processes: int) -> list[str]:
@@ -275,7 +278,9 @@ class VLLMServerSpec(Strict):
 
     urls: list[str] = []  # running `vllm serve` servers (README); empty: posttrain starts one on this machine
     model: str | None = None  # what the servers were started with; default: the stage's starting model
-    weight_transfer: Literal["auto", "nccl", "posttrain_gloo"] = "auto"  # auto: nccl on GPUs, posttrain_gloo on CPU
+    # the data plane of weight syncs. auto: nccl to `urls` on GPUs, ipc (CUDA IPC, same GPU) to a server posttrain
+    # starts, posttrain_gloo (gloo over TCP) on CPUs
+    weight_transfer: Literal["auto", "nccl", "ipc", "posttrain_gloo"] = "auto"
     transfer_address: str | None = None  # this machine's address the servers reach; default: the route to urls[0]
     transfer_port: int = Field(0, ge=0, le=65535)  # 0: a free port
     concurrency: int = Field(64, gt=0)  # generation requests in flight per trainer process

@@ -133,7 +133,10 @@ class FanOutClient:
         self._all("/start_weight_update", [None] * len(self.servers))
 
     def update_weights(self, update_info) -> None:
-        self._all("/update_weights", [{"update_info": update_info}] * len(self.servers))
+        from vllm.distributed.weight_transfer.clients import _json_safe_update_payload
+
+        # CUDA IPC handles are not JSON: vLLM's own HTTP client pickles them the same way
+        self._all("/update_weights", [{"update_info": _json_safe_update_payload(update_info)}] * len(self.servers))
 
     def finish_weight_update(self, weight_version: str | None = None) -> None:
         version = weight_version if weight_version is not None else self.version
@@ -217,6 +220,8 @@ class SpawnedServer:
             ["--enforce-eager", "--kv-cache-memory-bytes", str(256 << 20)]
         command += extra
         env = {**os.environ, "VLLM_SERVER_DEV_MODE": "1", "VLLM_CPU_OMP_THREADS_BIND": "nobind"}
+        if backend == "ipc":  # the CUDA IPC handles arrive pickled over HTTP (a server on 127.0.0.1 only)
+            env["VLLM_ALLOW_INSECURE_SERIALIZATION"] = "1"
         env.setdefault("VLLM_LOGGING_LEVEL", "WARNING")
         log_path.parent.mkdir(parents=True, exist_ok=True)
         self.log_path = log_path
@@ -261,6 +266,19 @@ class SpawnedServer:
         self.log.close()
 
 
+_LOGS: set[Path] = set()
+
+
+def _unused(path: Path) -> Path:
+    """`path`, or `stem-2.log`, … when a server of this process already writes there (TTCS: one per policy)."""
+    k, candidate = 1, path
+    while candidate in _LOGS:
+        k += 1
+        candidate = path.with_name(f"{path.stem}-{k}{path.suffix}")
+    _LOGS.add(candidate)
+    return candidate
+
+
 def _tail(path: Path, lines: int = 15) -> str:
     try:
         return "\n".join(Path(path).read_text(errors="replace").splitlines()[-lines:])
@@ -298,7 +316,7 @@ class VLLMServerEngine:
         self.model, self.tokenizer, self.sync_timeout, self.concurrency = model, tokenizer, sync_timeout, concurrency
         self.rank, self.world = _trainer_rank()
         cuda = torch.cuda.is_available()
-        self.backend = ("nccl" if cuda else "posttrain_gloo") if weight_transfer == "auto" else weight_transfer
+        self.backend = _auto_backend(cuda, bool(urls)) if weight_transfer == "auto" else weight_transfer
         self.expected_model = served_model or str(path)
         self.max_model_len = max_model_len
         self.spawned = None
@@ -330,7 +348,7 @@ class VLLMServerEngine:
         if self.rank == 0:
             import tempfile
 
-            log_path = Path(log_dir or tempfile.mkdtemp(prefix="posttrain-vllm-")) / "vllm_server.log"
+            log_path = _unused(Path(log_dir or tempfile.mkdtemp(prefix="posttrain-vllm-")) / "vllm_server.log")
             self.spawned = SpawnedServer(
                 str(path), backend=self.backend, seed=seed, cuda=cuda, gpu_memory_utilization=gpu_memory_utilization,
                 dtype=dtype or (_dtype_name(_base_model(self.model)) if self.model is not None else "auto"),
@@ -394,8 +412,13 @@ class VLLMServerEngine:
             from vllm.distributed.weight_transfer.nccl_engine import NCCLTrainerInitInfo
 
             info = NCCLTrainerInitInfo(address, port, world, rank=self.rank)
+        elif self.backend == "ipc":
+            from vllm.distributed.weight_transfer.ipc_engine import IPCTrainerInitInfo
+
+            info = IPCTrainerInitInfo(rank=self.rank)
         else:
-            raise RolloutError(f"vllm_server.weight_transfer: unknown backend {self.backend!r} (auto, nccl, posttrain_gloo)")
+            raise RolloutError(f"vllm_server.weight_transfer: unknown backend {self.backend!r} (auto, nccl, ipc, "
+                               f"posttrain_gloo)")
         self.client = FanOutClient(self.servers, self.sync_timeout)
         source = learner_source(self.model) if self.model is not None else None
         if source is None:
@@ -489,6 +512,14 @@ class VLLMServerEngine:
         if self.spawned is not None:
             self.spawned.close()
             self.spawned = None
+
+
+def _auto_backend(cuda: bool, remote: bool) -> str:
+    """The weight-transfer data plane `auto` picks: NCCL to servers on other GPUs; CUDA IPC to the server
+    posttrain starts on this machine's GPU (NCCL refuses two ranks on one device); gloo between CPUs."""
+    if not cuda:
+        return "posttrain_gloo"
+    return "nccl" if remote else "ipc"
 
 
 def _same_model(expected: str, served_id: str | None, root: str | None) -> bool:

@@ -22,8 +22,6 @@ import threading
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
 
-from posttrain.errors import UserError
-
 
 class VersionedEngine:
     """A rollout engine behind one lock, counting weight versions (syncs). `last_version`: the version the last
@@ -74,22 +72,3 @@ class Prefetcher:
             future.cancel()
         self.pending.clear()
         self.pool.shutdown(wait=True)
-
-
-def check(stage, engine_kind: str) -> int:
-    """The stage's `async_steps` (k), refused where it cannot be honest: colocated engines share the learner's
-    process (and `hf` its very weights), and stale samples need an importance correction."""
-    k = getattr(stage.train, "async_steps", 0)
-    if not k:
-        return 0
-    where = f"stages.{stage.name}.args.async_steps"
-    if engine_kind != "vllm_server":
-        raise UserError(f"{where}: {k} needs `engine: vllm_server` (generation in its own processes); the `{engine_kind}` "
-                        f"engine shares the learner's process")
-    if not hasattr(stage.algo, "tis_cap"):
-        raise UserError(f"{where}: the `{stage.spec.kind or stage.name}` algorithm has no importance correction for "
-                        f"samples from older weights (tis_cap); use async_steps: 0")
-    if stage.algo.tis_cap is None:
-        raise UserError(f"{where}: {k} samples from weights up to {k} steps old; set `tis_cap` (e.g. 2.0) so their "
-                        f"sampler log-probs correct the loss")
-    return k

@@ -17,9 +17,11 @@ from pathlib import Path
 import torch
 
 from posttrain.algorithms import distill
+from posttrain.algorithms.ops import chunked_reverse_kl, chunked_token_logprobs, token_logprobs
 from posttrain.data import collate, load_rows, render_prompt, stack_padded, usable_rows
 from posttrain.errors import UserError
-from posttrain.learner import Learner
+from posttrain.learner import FULL_LOGITS_BUDGET, Learner
+from posttrain.models import hidden_states_as_logits, separable_head
 from posttrain.stages import rl
 from posttrain.stages.context import StageContext, chunks, run_loop
 
@@ -84,9 +86,11 @@ def collate_pair(rows: list[dict], pad_id: int) -> dict:
         batch[f"{role}_input_ids"], batch[f"{role}_attention_mask"] = part["input_ids"], part["attention_mask"]
         batch[f"{role}_start"] = torch.tensor([r["start"][role] for r in rows])
     mask = torch.zeros(len(rows), width, dtype=torch.long)
+    span = torch.zeros(len(rows), width, dtype=torch.bool)
     for i, r in enumerate(rows):
         mask[i, : r["length"]] = int(r["train"])
-    batch["mask"] = mask
+        span[i, : r["length"]] = True
+    batch["mask"], batch["span"] = mask, span  # span: the response tokens, trained or not
     for name in rows[0].get("credit", {}):
         batch[name] = torch.tensor([r["credit"][name] for r in rows], dtype=torch.float32)
     for key in ("logp_teacher", "logp_student"):
@@ -95,12 +99,28 @@ def collate_pair(rows: list[dict], pad_id: int) -> dict:
     return batch
 
 
-def role_forward(model, mb: dict, role: str, temperature: float, logits: bool = False):
-    """Response-span log-probs `[n, T]` of one role (and the span's logits when `logits`)."""
-    out = model(input_ids=mb[f"{role}_input_ids"], attention_mask=mb[f"{role}_attention_mask"], use_cache=False)
-    width = mb["mask"].shape[1]
-    logp = distill.response_logprobs(out.logits, mb[f"{role}_input_ids"], mb[f"{role}_start"], width, temperature)
-    return (logp, distill.response_logits(out.logits, mb[f"{role}_start"], width)) if logits else logp
+def role_span(model, mb: dict, role: str) -> tuple[torch.Tensor, object]:
+    """One role's forward, cut to the positions that predict the response: `(logits [n, T, V], None)`, or,
+    when the full logits `[n, L, V]` would exceed `learner.FULL_LOGITS_BUDGET` (real vocabularies) and the LM
+    head is separable, `(final hidden states [n, T, H], head)`: the caller applies the head in chunks."""
+    ids, width, start = mb[f"{role}_input_ids"], mb["mask"].shape[1], mb[f"{role}_start"]
+    inputs = {"input_ids": ids, "attention_mask": mb[f"{role}_attention_mask"], "use_cache": False}
+    head = separable_head(model)
+    if head is not None and ids.numel() * head.out_features > FULL_LOGITS_BUDGET:
+        with hidden_states_as_logits(model) as head:
+            return distill.response_logits(model(**inputs).logits, start, width), head
+    return distill.response_logits(model(**inputs).logits, start, width), None
+
+
+def role_forward(model, mb: dict, role: str, temperature: float, span: bool = False):
+    """Response-span log-probs `[n, T]` of one role (and, with `span`, `role_span`'s states and head)."""
+    states, head = role_span(model, mb, role)
+    targets = distill.response_targets(mb[f"{role}_input_ids"], mb[f"{role}_start"], mb["mask"].shape[1])
+    if head is None:
+        logp = token_logprobs(states, targets, temperature)
+    else:  # 0 past each response's end, where the full path holds junk that every loss masks out
+        logp = chunked_token_logprobs(states, head, targets, mb["span"], temperature)[0]
+    return (logp, states, head) if span else logp
 
 
 def distill_loss(model, mb: dict, args: distill.Args, temperature: float):
@@ -110,10 +130,13 @@ def distill_loss(model, mb: dict, args: distill.Args, temperature: float):
         logp_s = role_forward(model, mb, "student", temperature)
         return distill.pi_distill_loss(logp_t, logp_s, mb, args)
     if args.opsd_kl == "full":
-        logp_s, logits_s = role_forward(model, mb, "student", temperature, logits=True)
+        logp_s, states_s, head = role_forward(model, mb, "student", temperature, span=True)
         with torch.no_grad():
-            _, logits_t = role_forward(model, mb, "teacher", temperature, logits=True)
-        kl = distill.full_reverse_kl(logits_s, logits_t, temperature)
+            states_t, _ = role_span(model, mb, "teacher")
+        if head is None:
+            kl = distill.full_reverse_kl(states_s, states_t, temperature)
+        else:  # the two roles' hidden states through the head in chunks, never the [n, T, V] logits
+            kl = chunked_reverse_kl(states_s, states_t, head, mb["span"], temperature)
         return distill.opsd_loss(logp_s, mb, args, kl)
     return distill.opsd_loss(role_forward(model, mb, "student", temperature), mb, args)
 

@@ -325,14 +325,14 @@ def collate_rl(rows: list[dict], pad_id: int) -> dict:
     return batch
 
 
-def sequence_logprobs(model, mb: dict, temperature: float) -> torch.Tensor:
+def sequence_logprobs(model, mb: dict, temperature: float, padding_free: bool = False) -> torch.Tensor:
     """`learner.policy_logprobs` without the entropy (old and reference log-probs)."""
-    return policy_logprobs(model, mb, temperature)[0]
+    return policy_logprobs(model, mb, temperature, padding_free)[0]
 
 
-def rl_loss(model, mb: dict, algo, args, temperature: float):
+def rl_loss(model, mb: dict, algo, args, temperature: float, padding_free: bool = False):
     """The algorithm's per-token loss on a batch, plus the policy's entropy as a metric."""
-    logp, entropy = policy_logprobs(model, mb, temperature)
+    logp, entropy = policy_logprobs(model, mb, temperature, padding_free)
     result = algo.loss(logp, mb, args)
     result.metrics["entropy"] = (entropy * result.mask).sum()
     return result
@@ -349,7 +349,7 @@ def _temperature(t) -> float:
     return t.temperature if t.temperature > 0 else 1.0  # greedy sampling: score the raw distribution
 
 
-def _attach_logprobs(learner, ref_model, rows, pad_id, micro, temperature, need_old) -> None:
+def _attach_logprobs(learner, ref_model, rows, pad_id, micro, temperature, need_old, padding_free=False) -> None:
     """Per-row `old_logp` (learner at rollout time) and `ref_logp` (frozen reference), target-aligned."""
     if not need_old and ref_model is None:
         return
@@ -357,12 +357,14 @@ def _attach_logprobs(learner, ref_model, rows, pad_id, micro, temperature, need_
         mb = collate_rl([rows[i] for i in chunk], pad_id)
         lengths = [len(rows[i]["input_ids"]) - 1 for i in chunk]
         if need_old:
-            (logp,) = learner.forward_no_grad([mb], partial(sequence_logprobs, temperature=temperature))
+            (logp,) = learner.forward_no_grad([mb], partial(sequence_logprobs, temperature=temperature,
+                                                            padding_free=padding_free))
             for i, n, row in zip(chunk, lengths, logp):
                 rows[i]["old_logp"] = row[:n].float().cpu()
         if ref_model is not None:
             with torch.no_grad():
-                ref = sequence_logprobs(ref_model, {k: v.to(learner.device) for k, v in mb.items()}, temperature)
+                ref = sequence_logprobs(ref_model, {k: v.to(learner.device) for k, v in mb.items()}, temperature,
+                                        padding_free)
             for i, n, row in zip(chunk, lengths, ref):
                 rows[i]["ref_logp"] = row[:n].float().cpu()
 
@@ -511,14 +513,14 @@ def run(ctx: StageContext) -> Path:
     ref_model = None
     if algo.needs_reference(args):
         ref_model = load_causal_lm(ctx.init_path, ctx.recipe.model).to(learner.device).eval().requires_grad_(False)
-    k = asynchronous.check(ctx.stage, ctx.stage.spec.engine)
+    k = t.async_steps  # the recipe's validation refused it where it cannot run (recipe.load.async_problem)
     engine = asynchronous.VersionedEngine(make_engine(ctx.stage.spec.engine, **engine_options(ctx, learner)))
     scorer = stage_scorer(ctx)
     sampler = Sampler(ctx, engine, scorer, prompts)
     rollouts = asynchronous.Prefetcher(sampler.sample_batch, k, t.steps)
     pad_id, temperature = ctx.tokenizer.pad_token_id, _temperature(t)
     reduction = algo.reduction(args, t.max_tokens)
-    loss_fn = partial(rl_loss, algo=algo, args=args, temperature=temperature)
+    loss_fn = partial(rl_loss, algo=algo, args=args, temperature=temperature, padding_free=t.padding_free)
     reward_total = getattr(algo, "reward_total", None)
     weights = {spec.key: spec.weight for spec in scorer.specs}
     need_old = updates_per_step > 1 or getattr(args, "tis_cap", None) is not None
@@ -537,7 +539,7 @@ def run(ctx: StageContext) -> Path:
             raise UserError(f"stages.{ctx.stage.name}: {err}") from None
         rows = build_rows(groups, trains, prompts, credit)
         start = time.perf_counter()
-        _attach_logprobs(learner, ref_model, rows, pad_id, t.micro_batch_size, temperature, need_old)
+        _attach_logprobs(learner, ref_model, rows, pad_id, t.micro_batch_size, temperature, need_old, t.padding_free)
         time_logprobs = time.perf_counter() - start
 
         def minis():

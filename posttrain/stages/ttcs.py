@@ -81,8 +81,10 @@ class Policy:
         prompts = rl.PromptSet(prompt_ids, [""] * len(prompt_ids), {})
         groups = [rl.Group(k, cs, rewards[k * t.group_size:(k + 1) * t.group_size], {}) for k, cs in enumerate(outs)]
         rows = rl.build_rows(groups, trains, prompts, credit)
-        rl._attach_logprobs(self.learner, ref_model, rows, pad_id, t.micro_batch_size, self.temperature, self.updates > 1)
-        loss_fn = partial(rl.rl_loss, algo=grpo, args=self.args, temperature=self.temperature)
+        rl._attach_logprobs(self.learner, ref_model, rows, pad_id, t.micro_batch_size, self.temperature, self.updates > 1,
+                            t.padding_free)
+        loss_fn = partial(rl.rl_loss, algo=grpo, args=self.args, temperature=self.temperature,
+                          padding_free=t.padding_free)
         reduction = grpo.reduction(self.args, t.max_tokens)
         minis = ([rl.collate_rl([rows[i] for i in idx], pad_id) for idx in chunks(mini, t.micro_batch_size)]
                  for mini in chunks(list(range(len(rows))), self.batch_size // acc.num_processes))
@@ -129,6 +131,9 @@ def run(ctx: StageContext) -> Path:
 
     t, args, acc = ctx.stage.train, ctx.stage.algo, ctx.accelerator
     synth_train, synth_args = ctx.stage.synthesizer
+    if ctx.stage.spec.engine == "vllm_server" and ctx.stage.spec.vllm_server.urls:
+        raise UserError(f"stages.{ctx.stage.name}.vllm_server.urls: TTCS trains two policies (synthesizer and solver), "
+                        f"each needs its own server; leave `urls` empty and posttrain starts one per policy")
     if not t.steps:
         raise UserError(f"stages.{ctx.stage.name}.args.steps: a ttcs stage needs a number of steps (iterations)")
     if args.synthetic_per_step > t.prompts_per_step or args.synthetic_per_step % acc.num_processes:
