@@ -88,10 +88,10 @@ def _logprob_gap(model, prompts, groups, temperature) -> float:
     worst = 0.0
     for prompt, group in zip(prompts, groups):
         for c in group:
-            ids = torch.tensor([prompt + c.token_ids])
+            ids = torch.tensor([prompt + c.token_ids], device=model.device)
             with torch.no_grad():
                 ref = token_logprobs(model(ids).logits[:, :-1], ids[:, 1:], temperature)[0, len(prompt) - 1:]
-            worst = max(worst, (ref - torch.tensor(c.logprobs)).abs().max().item())
+            worst = max(worst, (ref.cpu() - torch.tensor(c.logprobs)).abs().max().item())
     return worst
 
 
@@ -140,14 +140,32 @@ def test_stop_strings_are_kept_and_truncated_sampling_has_no_logprobs(model_dir,
         engine.close()
 
 
-def _run(recipe: dict, run_dir: Path, tmp_path: Path, *extra: str, launcher=()) -> subprocess.CompletedProcess:
+def _run(recipe: dict, run_dir: Path, tmp_path: Path, *extra: str, launcher=(), resume: bool = False):
     import yaml
 
     path = tmp_path / f"{run_dir.name}.yaml"
     path.write_text(yaml.safe_dump(recipe))
     env = dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1")
-    return subprocess.run([sys.executable, *launcher, "-m", "posttrain", "train", str(path), "--run-dir", str(run_dir),
+    where = ["--resume" if resume else "--run-dir", str(run_dir)]
+    return subprocess.run([sys.executable, *launcher, "-m", "posttrain", "train", str(path), *where,
                            "tracking.progress=false", *extra], cwd=REPO, env=env, capture_output=True, text=True)
+
+
+def _crashed_after_step_2(run_dir: Path, copy: Path) -> Path:
+    """A copy of a finished 4-step GRPO run as a crash after its step-2 checkpoint leaves it."""
+    import shutil
+
+    shutil.copytree(run_dir, copy)
+    shutil.rmtree(copy / "grpo" / "final")
+    lines = (copy / "metrics.jsonl").read_text().splitlines()
+    (copy / "metrics.jsonl").write_text("".join(l + "\n" for l in lines if json.loads(l)["step"] <= 2))
+    return copy
+
+
+def _weights(run_dir: Path) -> dict:
+    from safetensors.torch import load_file
+
+    return {k: v.numpy().tobytes() for k, v in load_file(str(run_dir / "grpo" / "final" / "model.safetensors")).items()}
 
 
 def _grpo_recipe(model_dir, data: Path, url: str, **args) -> dict:
@@ -160,12 +178,24 @@ def _grpo_recipe(model_dir, data: Path, url: str, **args) -> dict:
 
 def test_grpo_trains_against_the_server_synchronously_and_one_step_ahead(model_dir, server, tmp_path):
     """A few GRPO steps through the CLI with the server; k = 0 samples every batch from the current weights,
-    k = 1 samples the next batch while the learner trains (staleness 1, never more) and logs it."""
+    k = 1 samples the next batch while the learner trains (staleness 1, never more) and logs it. Resumed from
+    the step-2 checkpoint (as after a crash), k = 0 ends on the same weights as the uninterrupted run, and k = 1
+    samples step 3 again from the checkpoint's weights (staleness 0), then runs one step ahead again."""
     data = write_addition_data(tmp_path / "data") / "train.jsonl"
     for k in (0, 1):
         run_dir = tmp_path / f"k{k}"
-        proc = _run(_grpo_recipe(model_dir, data, server.url, async_steps=k), run_dir, tmp_path)
+        recipe = _grpo_recipe(model_dir, data, server.url, async_steps=k, save_every=2)
+        proc = _run(recipe, run_dir, tmp_path)
         assert proc.returncode == 0, proc.stderr[-3000:]
+        resumed = _crashed_after_step_2(run_dir, tmp_path / f"k{k}-resumed")
+        proc = _run(recipe, resumed, tmp_path, resume=True)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        again = [json.loads(line) for line in (resumed / "metrics.jsonl").read_text().splitlines()]
+        assert [r["step"] for r in again] == [1, 2, 3, 4]
+        if k == 0:
+            assert _weights(resumed) == _weights(run_dir)
+        else:
+            assert [r["engine/staleness"] for r in again[2:]] == [0, 1]
         rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
         steps = [r for r in rows if "engine/staleness" in r]
         assert [r["step"] for r in steps] == [1, 2, 3, 4]
@@ -301,3 +331,26 @@ def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("", 0))
         return s.getsockname()[1]
+
+
+@pytest.mark.gpu
+def test_on_one_gpu_the_server_posttrain_starts_shares_it_and_syncs_by_cuda_ipc(model_dir, tokenizer, tmp_path):
+    """GPU machines only (never run on our CPU CI): with no `urls` the engine starts a server on the learner's
+    GPU (`gpu_memory_utilization` of it), weights go by CUDA IPC (`auto`; NCCL refuses two ranks on one
+    device), and the parity of the CPU test holds to GPU fp32 tolerance."""
+    model = _hf(model_dir).cuda()
+    engine = make_engine("vllm_server", model=model, tokenizer=tokenizer, path=str(model_dir), max_model_len=256,
+                         gpu_memory_utilization=0.2, log_dir=tmp_path)
+    try:
+        assert engine.backend == "ipc"
+        prompts = _prompts(tokenizer)
+        for _ in range(2):
+            groups = engine.generate(prompts, SamplingParams(n=2, temperature=0.7, max_tokens=12, seed=5))
+            assert _logprob_gap(model, prompts, groups, 0.7) < 1e-3
+            with torch.no_grad():
+                for p in model.parameters():
+                    p.add_(torch.randn_like(p) * 0.05)
+            engine.load_weights(model.named_parameters())
+        assert engine.servers[0].call("GET", "/weight_info")["weight_version"] == "3"
+    finally:
+        engine.close()

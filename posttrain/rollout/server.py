@@ -208,14 +208,15 @@ def _local_address(url: str) -> str:
 class SpawnedServer:
     """A `vllm serve` this engine starts on 127.0.0.1 when no URL is given (a local run), and stops at close."""
 
-    def __init__(self, model: str, *, backend: str, dtype: str, max_model_len: int, seed: int, cuda: bool,
+    def __init__(self, model: str, *, backend: str, dtype: str, max_model_len: int | None, seed: int, cuda: bool,
                  gpu_memory_utilization: float, extra: list[str], log_path: Path, start_timeout: float):
         self.port = _free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         command = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", model,
                    "--host", "127.0.0.1", "--port", str(self.port), "--dtype", dtype, "--seed", str(seed),
-                   "--max-model-len", str(max_model_len), "--logprobs-mode", "processed_logprobs",
+                   "--logprobs-mode", "processed_logprobs",
                    "--weight-transfer-config", json.dumps({"backend": backend}), "--disable-uvicorn-access-log"]
+        command += ["--max-model-len", str(max_model_len)] if max_model_len else []  # default: the model's
         command += ["--gpu-memory-utilization", str(gpu_memory_utilization)] if cuda else \
             ["--enforce-eager", "--kv-cache-memory-bytes", str(256 << 20)]
         command += extra
@@ -352,18 +353,17 @@ class VLLMServerEngine:
             self.spawned = SpawnedServer(
                 str(path), backend=self.backend, seed=seed, cuda=cuda, gpu_memory_utilization=gpu_memory_utilization,
                 dtype=dtype or (_dtype_name(_base_model(self.model)) if self.model is not None else "auto"),
-                max_model_len=self.max_model_len or 2048, extra=extra, log_path=log_path, start_timeout=start_timeout)
+                max_model_len=self.max_model_len, extra=extra, log_path=log_path, start_timeout=start_timeout)
             url = self.spawned.url
         return _broadcast_object(url)
 
     def _check(self, server: Server, start_timeout: float) -> None:
         fix = launch_line(self.expected_model, self.backend)
         try:
-            models = server.call("GET", "/v1/models", retry_seconds=min(start_timeout, server.retry_seconds))
+            models = server.call("GET", "/v1/models", retry_seconds=start_timeout)
         except ServerUnreachable:
-            raise RolloutError(f"vLLM server {server.url} is not reachable (waited "
-                               f"{min(start_timeout, server.retry_seconds):g} s); start it with `{fix}` "
-                               f"or correct `vllm_server.urls`") from None
+            raise RolloutError(f"vLLM server {server.url} is not reachable (waited {start_timeout:g} s, "
+                               f"`vllm_server.start_timeout`); start it with `{fix}` or correct `vllm_server.urls`") from None
         served = [m for m in models.get("data", [])]
         if not served:
             raise RolloutError(f"vLLM server {server.url} serves no model")
