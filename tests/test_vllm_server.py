@@ -261,6 +261,39 @@ def test_distill_ttcs_and_two_trainer_processes_run_with_servers_posttrain_start
     assert [r["step"] for r in rows] == [1, 2] and all(r["time/sync"] > 0 for r in rows)
 
 
+@pytest.mark.slow
+def test_under_zero3_every_layer_is_gathered_and_sent_and_the_server_ends_on_the_trainers_weights(
+        model_dir, tokenizer, server, tmp_path):
+    """Two trainer processes under DeepSpeed ZeRO-3 (each holds half of every parameter): each sync gathers one
+    layer group at a time on both ranks, rank 0 sends it. After the run the server's greedy output equals HF
+    greedy on the run's final checkpoint."""
+    from transformers import AutoModelForCausalLM
+
+    data = write_addition_data(tmp_path / "data") / "train.jsonl"
+    recipe = _grpo_recipe(model_dir, data, server.url, steps=2, micro_batch_size=8, lr=3e-3, temperature=1.5,
+                          lr_schedule="constant", warmup_steps=0)
+    # a reward that varies on a random model's samples, so the two steps move the weights
+    recipe["stages"]["grpo"]["rewards"] = [{"name": str(REPO / "tests/scripts/digit_share.py") + ":digit_share"}]
+    launcher = ["-m", "accelerate.commands.launch", "--config_file", str(REPO / "recipes/accelerate/zero3.yaml"),
+                "--num_processes", "2"]
+    os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(Path.home() / ".cache" / "posttrain-torch-extensions"))
+    proc = _run(recipe, tmp_path / "zero3", tmp_path, launcher=launcher)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rows = [json.loads(line) for line in (tmp_path / "zero3" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [1, 2] and all(r["time/sync"] > 0 for r in rows)
+    final = AutoModelForCausalLM.from_pretrained(tmp_path / "zero3" / "grpo" / "final", dtype=torch.float32).eval()
+    reader = _engine(None, tokenizer, model_dir, server.url)
+    try:
+        greedy = reader.generate(_prompts(tokenizer), SamplingParams(n=1, temperature=0, max_tokens=10))
+        sampled = reader.generate(_prompts(tokenizer), SamplingParams(n=2, temperature=1.0, max_tokens=10, seed=3))
+    finally:
+        reader.close()
+    assert [g[0].token_ids for g in greedy] == [_greedy_hf(final, tokenizer, p, 10) for p in _prompts(tokenizer)]
+    # the trained weights, not the starting ones: log-probs match the final checkpoint, not the start
+    to_final, to_start = (_logprob_gap(m, _prompts(tokenizer), sampled, 1.0) for m in (final, _hf(model_dir)))
+    assert to_final < 1e-4 and to_start > 10 * to_final, (to_final, to_start)
+
+
 # -------------------------------------------------------------------------------------------------- faults
 
 
