@@ -29,9 +29,8 @@ with generation (`_generate_single_turn`) and scoring (`_calculate_rewards`) tim
 each child's own `getrusage(RUSAGE_SELF).ru_maxrss` at exit (the main process; posttrain's verifier workers are
 separate small processes and not counted), and the CUDA peak when there is a GPU.
 
-Known differences that settings cannot remove: posttrain's HF engine records the sampler's log-probs (a
-log-softmax over the vocabulary per new token), TRL's records none (both generate the step's 128 rows in one
-`generate` call); posttrain scores in 2 verifier worker processes, TRL in-process; the prompts each side draws
+Known differences that settings cannot remove (both generate the step's 128 rows in one `generate` call):
+posttrain scores in 2 verifier worker processes, TRL in-process; the prompts each side draws
 differ (each shuffles with its own seed). The random-init models never answer correctly, so every advantage is 0;
 both trainers still run the full forward, backward and optimizer step.
 

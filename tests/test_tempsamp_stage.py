@@ -72,7 +72,8 @@ def test_quickstart_video_recipe_runs_and_the_reference_row_reaches_the_learner(
         assert last["rollout_logp"] is None and last["credit"]["offpolicy"] == 1.0
         assert last["mask"][-n:] == [1] * n and sum(last["mask"]) == n  # loss on the reference and its EOS only
         for k in range(3):
-            assert rows[4 * g + k]["credit"]["offpolicy"] == 0.0 and rows[4 * g + k]["rollout_logp"] is not None
+            # no tis_cap in the recipe: the engine is not asked for sampler log-probs (they would go unused)
+            assert rows[4 * g + k]["credit"]["offpolicy"] == 0.0 and rows[4 * g + k]["rollout_logp"] is None
         assert group.rewards[-1] == pytest.approx(1.1)  # IoU 1 + 0.1 × format
         # the learner's advantages: the soft shaping of the IoU alone, plus 0.1 × format, then the group norm
         from posttrain.algorithms import grpo, tempsamp

@@ -160,9 +160,12 @@ class Sampler:
 
         # an algorithm with off-policy reference rows (TempSamp-R1) samples one completion fewer per group
         self.reference = getattr(ctx.stage.algo, "offpolicy", False)
+        # the sampler's log-probs enter only the TIS correction: without it the engine skips computing them (a
+        # log-softmax over the vocabulary per new token, which TRL does not compute either: bench/vs_trl.py)
+        logprobs = getattr(ctx.stage.algo, "tis_cap", None) is not None
         self.sampling = lambda seed: SamplingParams(
             n=t.group_size - self.reference, temperature=t.temperature, top_p=t.top_p, top_k=t.top_k,
-            max_tokens=t.max_tokens, stop=tuple(t.stop), seed=seed,
+            max_tokens=t.max_tokens, stop=tuple(t.stop), seed=seed, logprobs=logprobs,
         )
         self.stats: dict[str, float] = {}
         self.judge = judges.for_stage(ctx, engine)  # SPO stages only; None otherwise

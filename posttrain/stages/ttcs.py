@@ -67,9 +67,9 @@ class Policy:
                                total_steps * self.updates, ctx.init_path, alongside=alongside)
         self.engine = make_engine(ctx.stage.spec.engine, **rl.engine_options(ctx, self.learner, train, prompt_length))
         self.temperature = rl._temperature(train)
-        self.sampling = lambda n, seed: SamplingParams(
+        self.sampling = lambda n, seed: SamplingParams(  # sampler log-probs: only for the TIS correction
             n=n, temperature=train.temperature, top_p=train.top_p, top_k=train.top_k,
-            max_tokens=train.max_tokens, stop=tuple(train.stop), seed=seed)
+            max_tokens=train.max_tokens, stop=tuple(train.stop), seed=seed, logprobs=args.tis_cap is not None)
 
     def generate(self, prompt_ids: list[list[int]], n: int, seed: int):
         return self.engine.generate(prompt_ids, self.sampling(n, seed)) if prompt_ids else []
