@@ -323,9 +323,14 @@ def test_under_zero3_every_layer_is_gathered_and_sent_and_the_server_ends_on_the
 # -------------------------------------------------------------------------------------------------- faults
 
 
-def test_an_unreachable_server_stops_the_start_naming_its_url(model_dir, tokenizer):
+def test_an_unreachable_server_stops_the_start_naming_its_url(model_dir, tokenizer, tmp_path):
     with pytest.raises(RolloutError, match=r"http://127\.0\.0\.1:9/? is not reachable.*vllm serve"):
         _engine(None, tokenizer, model_dir, "http://127.0.0.1:9", start_timeout=1, retry_seconds=1)
+    data = write_addition_data(tmp_path / "data") / "train.jsonl"  # the CLI: exit 2, one line naming the URL
+    proc = _run(_grpo_recipe(model_dir, data, "http://127.0.0.1:9"), tmp_path / "run", tmp_path,
+                "stages.grpo.vllm_server.start_timeout=1")
+    assert proc.returncode == 2 and "http://127.0.0.1:9 is not reachable" in proc.stderr, proc.stderr[-2000:]
+    assert "Traceback" not in proc.stderr
 
 
 def test_a_server_with_another_model_is_refused_with_both_names(model_dir, tokenizer, server, tmp_path):
