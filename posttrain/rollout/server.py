@@ -244,9 +244,10 @@ class SpawnedServer:
         log_path.parent.mkdir(parents=True, exist_ok=True)
         self.log_path = log_path
         self.log = open(log_path, "ab")
-        # its own session: close() stops the server and every process it started
+        # its own session: close() stops the server and every process it started; and on Linux the kernel
+        # sends it SIGTERM if the trainer dies without closing it (SIGKILL, an unhandled SIGTERM)
         self.process = subprocess.Popen(command, stdout=self.log, stderr=subprocess.STDOUT, env=env,
-                                        start_new_session=True)
+                                        start_new_session=True, preexec_fn=_die_with_parent)
         self._wait(start_timeout)
 
     def _wait(self, timeout: float) -> None:
@@ -282,6 +283,18 @@ class SpawnedServer:
                     pass
                 self.process.wait()
         self.log.close()
+
+
+def _die_with_parent() -> None:
+    """In the child before exec: ask Linux for SIGTERM when the parent exits (PR_SET_PDEATHSIG); elsewhere a
+    no-op (the server then outlives a trainer killed with SIGKILL)."""
+    import ctypes
+    import signal
+
+    try:
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # 1 = PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        pass
 
 
 _LOGS: set[Path] = set()
