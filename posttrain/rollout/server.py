@@ -247,7 +247,7 @@ class SpawnedServer:
         # its own session: close() stops the server and every process it started; and on Linux the kernel
         # sends it SIGTERM if the trainer dies without closing it (SIGKILL, an unhandled SIGTERM)
         self.process = subprocess.Popen(command, stdout=self.log, stderr=subprocess.STDOUT, env=env,
-                                        start_new_session=True, preexec_fn=_die_with_parent)
+                                        start_new_session=True, preexec_fn=_parent_death_signal())
         self._wait(start_timeout)
 
     def _wait(self, timeout: float) -> None:
@@ -285,16 +285,18 @@ class SpawnedServer:
         self.log.close()
 
 
-def _die_with_parent() -> None:
-    """In the child before exec: ask Linux for SIGTERM when the parent exits (PR_SET_PDEATHSIG); elsewhere a
-    no-op (the server then outlives a trainer killed with SIGKILL)."""
+def _parent_death_signal():
+    """A callable for `preexec_fn` that asks Linux for SIGTERM when the parent exits (PR_SET_PDEATHSIG = 1), or
+    None elsewhere (the server then outlives a trainer killed with SIGKILL). libc is looked up here, in the
+    parent: the child only makes the one call between fork and exec (no import, no dlopen)."""
     import ctypes
     import signal
 
     try:
-        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # 1 = PR_SET_PDEATHSIG
+        prctl = ctypes.CDLL("libc.so.6", use_errno=True).prctl
     except (OSError, AttributeError):
-        pass
+        return None
+    return lambda: prctl(1, signal.SIGTERM)
 
 
 _LOGS: set[Path] = set()
