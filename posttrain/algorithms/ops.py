@@ -95,6 +95,35 @@ def _chunk_reverse_kl(head, student: torch.Tensor, teacher: torch.Tensor, temper
     return (s.exp() * (s - t)).sum(-1)
 
 
+def _at_mask_in_chunks(fn, hidden: torch.Tensor, others: list[torch.Tensor], head, mask: torch.Tensor,
+                      temperature: float, chunk: int) -> list[torch.Tensor] | None:
+    """`fn(head, hidden_chunk, *other_chunks, temperature)` over the `mask` positions of `hidden` `[N, T, H]`
+    (and of each `[N, T, …]` in `others`), `chunk` positions at a time, each chunk under activation
+    checkpointing when a gradient is wanted (backward recomputes its logits instead of keeping them). Returns
+    each of `fn`'s outputs concatenated over the chunks `[M]`, or None when `mask` selects nothing."""
+    from torch.utils.checkpoint import checkpoint
+
+    where = mask.bool()
+    h, rest = hidden[where], [o[where] for o in others]
+    grad = torch.is_grad_enabled() and h.requires_grad
+    outs = []
+    for i in range(0, h.shape[0], chunk):
+        part = (head, h[i : i + chunk], *[r[i : i + chunk] for r in rest], temperature)
+        out = checkpoint(fn, *part, use_reentrant=False) if grad else fn(*part)
+        outs.append(out if isinstance(out, tuple) else (out,))
+    return [torch.cat(column) for column in zip(*outs)] if outs else None
+
+
+def _in_graph_with_zero_gradient(hidden: torch.Tensor, head) -> torch.Tensor:
+    """0, depending on the body (through `hidden`) and the head: a micro-batch without loss positions still
+    backpropagates, so every parameter gets a (zero) gradient (DDP waits for all of them)."""
+    return 0.0 * (hidden.float().sum() + head(hidden.reshape(-1, hidden.shape[-1])[:1]).float().sum())
+
+
+def _vocab(head) -> int:
+    return getattr(head, "out_features", None) or head.weight.shape[0]
+
+
 def chunked_reverse_kl(student_hidden: torch.Tensor, teacher_hidden: torch.Tensor, head, mask: torch.Tensor,
                        temperature: float = 1.0, chunk: int | None = None) -> torch.Tensor:
     """The full-distribution reverse KL `KL(π_S ‖ sg π_T)` per position `[N, T]` (OPSD's `opsd_kl: full`)
@@ -102,21 +131,13 @@ def chunked_reverse_kl(student_hidden: torch.Tensor, teacher_hidden: torch.Tenso
     `[N, T, V]` logits: at the `mask` positions only, in chunks (two chunks of fp32 logits at a time: half
     of `logit_chunk`), the student's under activation checkpointing. 0 outside `mask`. Equal to
     `distill.full_reverse_kl(head(student_hidden), head(teacher_hidden))` to fp32 rounding."""
-    from torch.utils.checkpoint import checkpoint
-
-    where = mask.bool()
-    s, t = student_hidden[where], teacher_hidden[where].detach()
-    chunk = chunk or max(1, logit_chunk(getattr(head, "out_features", None) or head.weight.shape[0]) // 2)
-    parts = []
-    for i in range(0, s.shape[0], chunk):
-        args = (head, s[i : i + chunk], t[i : i + chunk], temperature)
-        grad = torch.is_grad_enabled() and s.requires_grad
-        parts.append(checkpoint(_chunk_reverse_kl, *args, use_reentrant=False) if grad else _chunk_reverse_kl(*args))
-    kl = student_hidden.new_zeros(where.shape, dtype=torch.float32)
-    if parts:
-        return kl.masked_scatter(where, torch.cat(parts))
-    # no loss position: keep the student in the graph with zero gradients (DDP waits for every parameter)
-    return kl + 0.0 * (student_hidden.float().sum() + head(student_hidden.reshape(-1, student_hidden.shape[-1])[:1]).float().sum())
+    chunk = chunk or max(1, logit_chunk(_vocab(head)) // 2)
+    parts = _at_mask_in_chunks(_chunk_reverse_kl, student_hidden, [teacher_hidden.detach()], head, mask,
+                               temperature, chunk)
+    kl = student_hidden.new_zeros(mask.shape, dtype=torch.float32)
+    if parts is None:
+        return kl + _in_graph_with_zero_gradient(student_hidden, head)
+    return kl.masked_scatter(mask.bool(), parts[0])
 
 
 def chunked_token_logprobs(hidden: torch.Tensor, head, targets: torch.Tensor, mask: torch.Tensor,
@@ -128,26 +149,11 @@ def chunked_token_logprobs(hidden: torch.Tensor, head, targets: torch.Tensor, ma
     one chunk's fp32 logits (`logit_chunk`), whatever the batch and the vocabulary. Positions outside `mask`
     get 0 in both outputs. Equal to `token_logprobs(head(hidden), targets)` at the mask positions (fp32: to
     float rounding, the same matmul in smaller pieces)."""
-    from torch.utils.checkpoint import checkpoint
-
-    where = mask.bool()
-    h, t = hidden[where], targets[where]  # [M, H], [M]
-    chunk = chunk or logit_chunk(getattr(head, "out_features", None) or head.weight.shape[0])
-    logps, entropies = [], []
-    for s in range(0, h.shape[0], chunk):
-        part = (head, h[s : s + chunk], t[s : s + chunk], temperature)
-        if torch.is_grad_enabled() and h.requires_grad:
-            logp, entropy = checkpoint(_chunk_logprobs, *part, use_reentrant=False)
-        else:
-            logp, entropy = _chunk_logprobs(*part)
-        logps.append(logp)
-        entropies.append(entropy)
-    logp = hidden.new_zeros(where.shape, dtype=torch.float32)
+    chunk = chunk or logit_chunk(_vocab(head))
+    parts = _at_mask_in_chunks(_chunk_logprobs, hidden, [targets], head, mask, temperature, chunk)
+    logp = hidden.new_zeros(mask.shape, dtype=torch.float32)
     entropy = torch.zeros_like(logp)
-    if logps:
-        logp = logp.masked_scatter(where, torch.cat(logps))
-        entropy = entropy.masked_scatter(where, torch.cat(entropies).detach())
-    else:  # no loss position in this micro-batch: keep the head and the body in the graph with zero
-        # gradients, so backward runs and every parameter gets a gradient (DDP waits for all of them)
-        logp = logp + 0.0 * (hidden.float().sum() + head(hidden.reshape(-1, hidden.shape[-1])[:1]).float().sum())
-    return logp, entropy
+    if parts is None:
+        return logp + _in_graph_with_zero_gradient(hidden, head), entropy
+    where = mask.bool()
+    return logp.masked_scatter(where, parts[0]), entropy.masked_scatter(where, parts[1].detach())
