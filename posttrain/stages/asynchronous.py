@@ -57,17 +57,13 @@ class Prefetcher:
         self.waited = 0.0  # seconds the learner waited for its last batch
 
     def get(self, step: int):
-        if not self.k:  # synchronous: sampled here, on the caller's thread, exactly as without a prefetcher
-            start = time.perf_counter()
-            try:
-                return self.sample(step)
-            finally:
-                self.waited = time.perf_counter() - start
-        for j in range(step, min(step + self.k, self.total - 1) + 1):
-            if j not in self.pending:
-                self.pending[j] = self.pool.submit(self.sample, j)
         start = time.perf_counter()
         try:
+            if not self.k:  # synchronous: sampled here, on the caller's thread, exactly as without a prefetcher
+                return self.sample(step)
+            for j in range(step, min(step + self.k, self.total - 1) + 1):
+                if j not in self.pending:
+                    self.pending[j] = self.pool.submit(self.sample, j)
             return self.pending.pop(step).result()
         finally:
             self.waited = time.perf_counter() - start
