@@ -256,6 +256,13 @@ def _merged_copy(peft_model):
 FULL_LOGITS_BUDGET = 2**26  # fp32 numbers of full logits above which log-probs are computed in chunks
 
 
+def head_for_chunks(model, positions: int):
+    """The LM head when `[positions, vocab]` fp32 logits would exceed `FULL_LOGITS_BUDGET` and the head is
+    separable (`models.separable_head`): the caller then applies it in chunks. None: take the full logits."""
+    head = separable_head(model)
+    return head if head is not None and positions * head.out_features > FULL_LOGITS_BUDGET else None
+
+
 def packed_inputs(mb: dict) -> tuple[dict, torch.Tensor] | None:
     """A right-padded micro-batch without its padding: each row's tokens placed one after another into rows of
     the batch's width, `position_ids` restarting at 0 per row and no attention mask, so transformers masks
@@ -314,7 +321,7 @@ def policy_logprobs(model, mb: dict, temperature: float, padding_free: bool = Fa
     (`packed_inputs`); values and gradients equal the padded computation to fp32 rounding."""
     targets, mask = mb["input_ids"][:, 1:], mb["mask"]
     head = separable_head(model)
-    chunked = head is not None and targets.numel() * head.out_features > FULL_LOGITS_BUDGET
+    chunked = head_for_chunks(model, targets.numel()) is not None
     packing = packed_inputs(mb) if padding_free and head is not None else None
     if not chunked and packing is None:
         return _logprobs_and_entropy(model(**forward_inputs(model, mb)).logits[:, :-1], targets, mask, temperature)

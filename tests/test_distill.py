@@ -250,6 +250,7 @@ def test_distill_losses_without_the_full_logits_equal_the_full_computation(tiny_
     response positions and the head runs in chunks: the loss and every gradient are unchanged (fp32)."""
     from transformers import AutoModelForCausalLM
 
+    from posttrain import learner
     from posttrain.stages import distill as stage
 
     model = AutoModelForCausalLM.from_pretrained(tiny_lm_dir)
@@ -261,8 +262,8 @@ def test_distill_losses_without_the_full_logits_equal_the_full_computation(tiny_
     batch["adv"], batch["adv_teacher"] = torch.tensor([0.5, -0.5, 1.0]), torch.tensor([1.0, -1.0, 0.3])
     args = distill.Args(mode=mode, opsd_kl=kl, beta=0.3)
     results = []
-    for budget in (stage.FULL_LOGITS_BUDGET, 0):
-        monkeypatch.setattr(stage, "FULL_LOGITS_BUDGET", budget)
+    for budget in (learner.FULL_LOGITS_BUDGET, 0):
+        monkeypatch.setattr(learner, "FULL_LOGITS_BUDGET", budget)
         model.zero_grad()
         out = stage.distill_loss(model, batch, args, temperature=0.9)
         total = (out.loss * out.mask).sum()

@@ -54,9 +54,14 @@ from posttrain.rollout.vllm import _base_model, _check_cpu_head_dim, _dtype_name
 RETRY_STATUS = {502, 503, 504}  # the server is (re)starting or overloaded: worth waiting for
 
 
+def serve_flags(backend: str) -> list[str]:
+    """The `vllm serve` flags this engine relies on: protocol log-probs and the weight-transfer backend."""
+    return ["--logprobs-mode", "processed_logprobs", "--weight-transfer-config", json.dumps({"backend": backend})]
+
+
 def launch_line(model: str, backend: str, port: int = 8000, extra: Iterable[str] = ()) -> str:
     """The `vllm serve` command a server for this engine needs (printed in every start-up error)."""
-    flags = ["--logprobs-mode", "processed_logprobs", "--weight-transfer-config", json.dumps({"backend": backend})]
+    flags = serve_flags(backend)
     return (f"VLLM_SERVER_DEV_MODE=1 vllm serve {shlex.quote(model)} --port {port} "
             + " ".join(shlex.quote(f) for f in [*flags, *extra]))
 
@@ -229,8 +234,7 @@ class SpawnedServer:
         self.url = f"http://127.0.0.1:{self.port}"
         command = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", model,
                    "--host", "127.0.0.1", "--port", str(self.port), "--dtype", dtype, "--seed", str(seed),
-                   "--logprobs-mode", "processed_logprobs",
-                   "--weight-transfer-config", json.dumps({"backend": backend}), "--disable-uvicorn-access-log"]
+                   *serve_flags(backend), "--disable-uvicorn-access-log"]
         command += ["--max-model-len", str(max_model_len)] if max_model_len else []  # default: the model's
         command += ["--gpu-memory-utilization", str(gpu_memory_utilization)] if cuda else \
             ["--enforce-eager", "--kv-cache-memory-bytes", str(256 << 20)]

@@ -20,8 +20,8 @@ from posttrain.algorithms import distill
 from posttrain.algorithms.ops import chunked_reverse_kl, chunked_token_logprobs, token_logprobs
 from posttrain.data import collate, load_rows, render_prompt, stack_padded, usable_rows
 from posttrain.errors import UserError
-from posttrain.learner import FULL_LOGITS_BUDGET, Learner
-from posttrain.models import hidden_states_as_logits, separable_head
+from posttrain.learner import Learner, head_for_chunks
+from posttrain.models import hidden_states_as_logits
 from posttrain.stages import rl
 from posttrain.stages.context import StageContext, chunks, run_loop
 
@@ -105,8 +105,7 @@ def role_span(model, mb: dict, role: str) -> tuple[torch.Tensor, object]:
     head is separable, `(final hidden states [n, T, H], head)`: the caller applies the head in chunks."""
     ids, width, start = mb[f"{role}_input_ids"], mb["mask"].shape[1], mb[f"{role}_start"]
     inputs = {"input_ids": ids, "attention_mask": mb[f"{role}_attention_mask"], "use_cache": False}
-    head = separable_head(model)
-    if head is not None and ids.numel() * head.out_features > FULL_LOGITS_BUDGET:
+    if head_for_chunks(model, ids.numel()) is not None:
         with hidden_states_as_logits(model) as head:
             return distill.response_logits(model(**inputs).logits, start, width), head
     return distill.response_logits(model(**inputs).logits, start, width), None
