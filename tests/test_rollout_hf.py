@@ -123,6 +123,30 @@ def test_sampler_logprobs_match_teacher_forcing(engine, model, tokenizer, sampli
     assert checked >= 3 * len(PROMPTS)
 
 
+@pytest.mark.parametrize("knobs", [dict(temperature=1.0), dict(temperature=0.7, top_k=20, top_p=0.9)], ids=["t1", "warped"])
+def test_first_token_frequencies_match_the_processed_distribution(model, tokenizer, knobs):
+    """The engine draws from softmax(temperature → top-k → top-p of the logits): 20,000 one-token samples of a
+    prompt, each token's frequency within 5 binomial standard errors of its probability, truncated tokens never."""
+    from transformers.generation.logits_process import TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWarper
+
+    prompt = tokenizer("3+4=", add_special_tokens=False)["input_ids"]
+    with torch.no_grad():
+        logits = model(input_ids=torch.tensor([prompt])).logits[:, -1].float()
+    warped = TemperatureLogitsWarper(knobs["temperature"])(None, logits)
+    if "top_k" in knobs:
+        warped = TopPLogitsWarper(knobs["top_p"])(None, TopKLogitsWarper(knobs["top_k"])(None, warped))
+    probs = torch.softmax(warped, -1)[0].double()
+
+    n = 20_000
+    (group,) = HFEngine(model, tokenizer, batch_size=n).generate([prompt], SamplingParams(n=n, max_tokens=1, seed=0, **knobs))
+    counts = torch.bincount(torch.tensor([c.token_ids[0] for c in group]), minlength=probs.numel()).double()
+    stderr = (probs * (1 - probs) / n).sqrt()
+    assert torch.all((counts / n - probs).abs() <= 5 * stderr + 1e-12)
+    assert counts[probs == 0].sum() == 0
+    kept = int((probs > 0).sum())
+    assert 1 < kept <= 20 if "top_k" in knobs else kept == probs.numel()  # the truncation had work to do
+
+
 def test_greedy_is_padding_invariant(model, tokenizer):
     greedy = SamplingParams(temperature=0.0, max_tokens=12)
     batched = HFEngine(model, tokenizer, batch_size=64).generate(PROMPTS, greedy)
