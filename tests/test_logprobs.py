@@ -18,29 +18,76 @@ def _case(seed=0, n=4, t=9, h=16, v=70):
     return head, hidden, targets, mask
 
 
+class _ModuleHead(torch.nn.Linear):
+    """Not a plain `nn.Linear` to `ops._fusable` (as a ZeRO-3 head is not): the activation-checkpointing path."""
+
+
+def _heads(head):
+    other = _ModuleHead(head.in_features, head.out_features, bias=False)
+    other.weight = head.weight
+    return {"fused": head, "checkpointed": other}
+
+
+@pytest.mark.parametrize("path", ["fused", "checkpointed"])
 @pytest.mark.parametrize("chunk", [1, 5, 1000])
-def test_chunked_logprobs_entropy_and_gradients_equal_the_full_computation(chunk):
+def test_chunked_logprobs_entropy_and_gradients_equal_the_full_computation(chunk, path):
+    """Both chunked paths against the full computation in fp64 (the truth fp32 rounds): log-probs within 1e-6
+    relative (they reach −30 here, where fp32's own spacing is 2e-6), entropy within 1e-6 on the fused path;
+    the checkpointed path runs the full computation's fp32 ops and equals it to 1e-6 absolute."""
     head, hidden, targets, mask = _case()
-    logp, entropy = chunked_token_logprobs(hidden, head, targets, mask, temperature=0.7, chunk=chunk)
-    logits = head(hidden)
-    full = token_logprobs(logits, targets, 0.7)
-    z = logits.float() / 0.7
-    full_entropy = torch.logsumexp(z, -1) - (torch.softmax(z, -1) * z).sum(-1)
-    assert torch.allclose(logp, full * mask, atol=1e-6) and torch.allclose(entropy, full_entropy.detach() * mask, atol=1e-6)
-    assert bool((logp[~mask] == 0).all())
+    chunked_head = _heads(head)[path]
+    logp, entropy = chunked_token_logprobs(hidden, chunked_head, targets, mask, temperature=0.7, chunk=chunk)
+    z64 = hidden.double() @ head.weight.double().T / 0.7
+    truth = z64.gather(-1, targets.unsqueeze(-1)).squeeze(-1) - torch.logsumexp(z64, -1)
+    truth_entropy = torch.logsumexp(z64, -1) - (torch.softmax(z64, -1) * z64).sum(-1)
+    assert torch.all((logp.double() - truth * mask).abs() <= 1e-6 * truth.abs().clamp(min=1))
+    if path == "fused":
+        assert torch.allclose(entropy.double(), truth_entropy.detach() * mask, atol=1e-6)
+    else:
+        logits = head(hidden)
+        full = token_logprobs(logits, targets, 0.7)
+        z = logits.float() / 0.7
+        full_entropy = torch.logsumexp(z, -1) - (torch.softmax(z, -1) * z).sum(-1)
+        assert torch.allclose(logp, full * mask, atol=1e-6)
+        assert torch.allclose(entropy, full_entropy.detach() * mask, atol=1e-6)
+    assert bool((logp[~mask] == 0).all()) and bool((entropy[~mask] == 0).all())
     weights = torch.randn(mask.shape)  # any loss that is a weighted sum of the log-probs
     (logp * weights).sum().backward()
     g_hidden, g_head = hidden.grad.clone(), head.weight.grad.clone()
     hidden.grad, head.weight.grad = None, None
-    (full * mask * weights).sum().backward()
+    (token_logprobs(head(hidden), targets, 0.7) * mask * weights).sum().backward()
     # gradients sum over the vocabulary (and the head's over tokens) in another order: equal to fp32 rounding
     assert torch.allclose(g_hidden, hidden.grad, rtol=1e-5, atol=1e-5)
     assert torch.allclose(g_head, head.weight.grad, rtol=1e-5, atol=1e-5)
 
 
-def test_a_micro_batch_without_loss_tokens_still_backpropagates_zero():
+def test_the_fused_head_handles_a_bias_and_half_precision():
+    """`_FusedHeadLogprobs` with a biased head, and in bf16 (the head's matmul in bf16, the softmax in fp32,
+    as `head(hidden).float()` does), against autograd through the same ops."""
+    from posttrain.algorithms.ops import _FusedHeadLogprobs
+
+    g = torch.Generator().manual_seed(1)
+    for dtype, tol in ((torch.float32, 1e-5), (torch.bfloat16, 2e-2)):
+        head = torch.nn.Linear(16, 70).to(dtype)
+        hidden = torch.randn(12, 16, generator=g).to(dtype).requires_grad_()
+        targets = torch.randint(0, 70, (12,), generator=g)
+        weights = torch.randn(12, generator=g)
+        logp, _ = _FusedHeadLogprobs.apply(hidden, head.weight, head.bias, targets, 0.9)
+        (logp * weights).sum().backward()
+        got = [t.grad.clone() for t in (hidden, head.weight, head.bias)]
+        for t in (hidden, head.weight, head.bias):
+            t.grad = None
+        want = token_logprobs(head(hidden), targets, 0.9)
+        (want * weights).sum().backward()
+        assert torch.allclose(logp, want, atol=tol)
+        for a, t in zip(got, (hidden, head.weight, head.bias)):
+            assert a.dtype == t.dtype and torch.allclose(a.float(), t.grad.float(), rtol=tol, atol=tol)
+
+
+@pytest.mark.parametrize("path", ["fused", "checkpointed"])
+def test_a_micro_batch_without_loss_tokens_still_backpropagates_zero(path):
     head, hidden, targets, _ = _case()
-    logp, _ = chunked_token_logprobs(hidden, head, targets, torch.zeros(targets.shape, dtype=torch.bool))
+    logp, _ = chunked_token_logprobs(hidden, _heads(head)[path], targets, torch.zeros(targets.shape, dtype=torch.bool))
     logp.sum().backward()
     assert bool((hidden.grad == 0).all()) and bool((head.weight.grad == 0).all())
 
