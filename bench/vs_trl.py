@@ -264,6 +264,9 @@ def summarise(runs: list[dict]) -> dict:
     keys = ("step",) + PHASES
     row = {k: _median([s.get(k) for s in steps]) for k in keys}
     row["completion_len"] = _median([x for r in runs if r["ok"] for x in r["completion_length"]])
+    # sampled tokens per second of the generate phase (TRL's includes its vLLM weight sync, see above)
+    row["tokens_per_s"] = (PROMPTS * GROUP * row["completion_len"] / row["generate"]
+                           if row["completion_len"] and row["generate"] else None)
     row["timed_steps"] = len(steps)
     row["failed_runs"] = sum(not r["ok"] for r in runs)
     rss = _median([r["peak_rss_kib"] for r in runs if r["ok"]])
@@ -389,14 +392,14 @@ def main() -> int:
         info = models[size][1]
         print(f"\n{size}: {info['params']:,} parameters, vocab {info['vocab']:,}")
         print(f"{'':<22}{'step':>8}" + "".join(f"{p:>10}" for p in PHASES) + f"{'peak RSS GiB':>14}"
-              + (f"{'CUDA GiB':>10}" if gpu else "") + f"{'tokens':>8}{'steps':>7}")
+              + (f"{'CUDA GiB':>10}" if gpu else "") + f"{'tokens':>8}{'gen tok/s':>11}{'steps':>7}")
         for side in SIDES:
             r = summary[size][side]
             print(f"{LABELS[side]:<22}{_cell(r['step'], '.2f', 8)}" + "".join(_cell(r[p], '.2f', 10) for p in PHASES)
                   + _cell(r["peak_rss_gib"], ".2f", 14) + (_cell(r["cuda_peak_gib"], ".2f", 10) if gpu else "")
-                  + _cell(r["completion_len"], ".1f", 8) + f"{r['timed_steps']:>7}" + (f"  ({r['failed_runs']} run(s) failed)" if r["failed_runs"] else ""))
+                  + _cell(r["completion_len"], ".1f", 8) + _cell(r["tokens_per_s"], ".0f", 11) + f"{r['timed_steps']:>7}" + (f"  ({r['failed_runs']} run(s) failed)" if r["failed_runs"] else ""))
     print("\n(TRL rows: `update` is the step less generate and score; logprobs and sync are not separable there; "
-          "tokens: mean completion length)")
+          "tokens: mean completion length; gen tok/s: sampled tokens per second of the generate phase)")
     print(f"wall time {total / 60:.1f} min; results in {out}")
     parts = []
     for size in sizes:
