@@ -333,7 +333,7 @@ class _Sampler(_processor_base()):
 
     The draw is `sampling.sample_categorical` (inverse CDF, one uniform per row) instead of transformers'
     `torch.multinomial`, which draws an exponential per vocabulary entry: same distribution, and at a 152k
-    vocabulary a 2.6x faster decode step on the CPU (660 → 255 ms for 128 rows; `posttrain.rollout.sampling`).
+    vocabulary a 2.4x faster decode step on the CPU (660 → 270 ms for 128 rows; `posttrain.rollout.sampling`).
     """
 
     def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
