@@ -107,8 +107,9 @@ class _FusedHeadLogprobs(torch.autograd.Function):
         picked = shifted.gather(-1, targets[:, None])
         e = shifted.exp()
         total = e.sum(-1, keepdim=True)  # logsumexp(z) = max + log(total)
-        logp = (picked - total.log()).squeeze(-1)
-        entropy = (total.log() - e.mul_(shifted).sum(-1, keepdim=True) / total).squeeze(-1)  # H = log S − Σ e s / S
+        log_total = total.log()
+        logp = (picked - log_total).squeeze(-1)
+        entropy = (log_total - e.mul_(shifted).sum(-1, keepdim=True) / total).squeeze(-1)  # H = log S − Σ e s / S
         ctx.save_for_backward(hidden, weight, bias, targets, top, total)
         ctx.temperature = temperature
         ctx.mark_non_differentiable(entropy)

@@ -33,8 +33,8 @@ def sample_categorical(probs: torch.Tensor) -> torch.Tensor:
     cumulative = sums.cumsum(-1)
     u = torch.rand(rows, 1, dtype=torch.float64, device=probs.device) * cumulative[:, -1:]
     block = _first_above(cumulative, u)  # [rows, 1]
-    before = cumulative.gather(1, block) - sums.gather(1, block)
-    fraction = ((u - before) / sums.gather(1, block)).clamp_(0.0, 1.0)
+    mass = sums.gather(1, block)
+    fraction = ((u - (cumulative.gather(1, block) - mass)) / mass).clamp_(0.0, 1.0)
 
     columns = block * BLOCK + torch.arange(BLOCK, device=probs.device)  # [rows, BLOCK]
     inside = columns < vocab
