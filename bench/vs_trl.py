@@ -30,8 +30,9 @@ each child's own `getrusage(RUSAGE_SELF).ru_maxrss` at exit (the main process; p
 separate small processes and not counted), and the CUDA peak when there is a GPU.
 
 Known differences that settings cannot remove (both generate the step's 128 rows in one `generate` call):
-posttrain scores in 2 verifier worker processes, TRL in-process; the prompts each side draws
-differ (each shuffles with its own seed). The random-init models never answer correctly, so every advantage is 0;
+posttrain's hf engine draws each token by inverse CDF (`posttrain.rollout.sampling`), TRL's `generate` by
+`torch.multinomial` (the same distribution; the time this saves posttrain is part of what is measured); the
+prompts each side draws differ (each shuffles with its own seed). Both score `exact` in the trainer's process. The random-init models never answer correctly, so every advantage is 0;
 both trainers still run the full forward, backward and optimizer step.
 
     OMP_NUM_THREADS=1 python bench/vs_trl.py [--steps 5 --repeats 2 --sizes quickstart-25M,vocab-152k]
